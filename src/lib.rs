@@ -5,4 +5,5 @@ pub mod io;
 pub mod metadata;
 pub mod pdata;
 pub mod source;
+pub mod table;
 pub mod target;
