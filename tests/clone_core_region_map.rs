@@ -23,7 +23,7 @@ fn concurrent_marks_and_dirty_takes() {
                 let words = map.take_dirty();
                 takes += 1;
                 // simulate an occasional failed commit
-                if takes % 7 == 0 && !words.is_empty() {
+                if takes.is_multiple_of(7) && !words.is_empty() {
                     map.restore_dirty(&words);
                     continue;
                 }
@@ -44,8 +44,8 @@ fn concurrent_marks_and_dirty_takes() {
             thread::spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(t);
                 let mut newly = 0u64;
-                for i in 0..6000 {
-                    if i % 100 == 0 {
+                for i in 0..6000u32 {
+                    if i.is_multiple_of(100) {
                         let s = rng.gen_range(0..N - 70);
                         newly += map.mark_range(s..s + rng.gen_range(1..70));
                     } else if map.mark_hydrated(rng.gen_range(0..N)) {
@@ -97,7 +97,7 @@ fn release_while_readers_run() {
     let before = map.memory_bytes();
     for r in 0..N {
         map.mark_hydrated(r);
-        if r % 1000 == 0 {
+        if r.is_multiple_of(1000) {
             assert!(!map.release_if_complete());
             map.take_dirty();
         }
