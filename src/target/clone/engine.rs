@@ -1,0 +1,490 @@
+//! The `clone` target: shared state, construction (validated as dm-clone does),
+//! status, messages and the commit path. The per-queue data path is in `worker.rs`,
+//! the hydration thread in `hydrator.rs`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vhost_user_blk::{BlockBackend, DiskGeometry, GuestBuf, SECTOR_SIZE};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::worker::CloneWorker;
+use super::{
+    CloneStatus, Event, EventHub, HydrationState, MetadataMode, RegionGeometry, RegionLocks,
+    RegionMap, Scheduler, SchedulerConfig, StatusJson,
+};
+use crate::io::{ReadOnlyFile, ReadWriteFile};
+use crate::metadata::CloneMetadata;
+use crate::table::{parse_core_value, CloneSpec};
+
+/// Why a clone target could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    #[error("cannot open the {role} device {path}: {source}")]
+    Open {
+        role: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the {role} device: {0}")]
+    OpenDirect(&'static str, #[source] crate::io::OpenError),
+    #[error("the source {path} is empty (0 sectors)")]
+    EmptySource { path: PathBuf },
+    #[error("the {role} device {path} has {have} sectors; the table needs {need}")]
+    TooSmall {
+        role: &'static str,
+        path: PathBuf,
+        have: u64,
+        need: u64,
+    },
+    #[error("invalid clone geometry: {0}")]
+    Geometry(#[from] super::GeometryError),
+    #[error("metadata device {path}: {source}")]
+    Metadata {
+        path: PathBuf,
+        source: crate::metadata::MetadataError,
+    },
+    #[error("in-core region map: {0}")]
+    RegionMap(#[from] super::RegionMapError),
+    #[error("hydration scheduler: {0}")]
+    Scheduler(#[from] super::SchedulerError),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot start the hydration thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A guest request parked until a region it needs has been hydrated.
+pub struct ParkedReq {
+    pub tag: u64,
+    pub op: vhost_user_blk::BlockOp,
+    pub bufs: Vec<GuestBuf>,
+}
+
+/// What is posted to a queue worker from another thread.
+pub enum MailItem {
+    /// Run this parked request again (the region it waited for changed state).
+    Resume(ParkedReq),
+    /// Fail this parked request (the copy it waited for failed).
+    Fail(ParkedReq, String),
+    /// A flush finished (`Err` carries the reason).
+    FlushDone(u64, Result<(), String>),
+}
+
+/// A worker's inbox: items plus a descriptor of the worker's eventfd to wake it.
+pub struct Mailbox {
+    items: Mutex<Vec<MailItem>>,
+    wake: File,
+}
+
+impl Mailbox {
+    /// A mailbox that wakes the eventfd `fd` (duplicated here).
+    pub fn new(fd: std::os::fd::RawFd) -> std::io::Result<Self> {
+        // SAFETY: dup(2) of a descriptor we were handed; the result is checked below and
+        // owned by the File from then on.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh descriptor nothing else owns.
+        let wake = unsafe { File::from_raw_fd(dup) };
+        Ok(Mailbox {
+            items: Mutex::new(Vec::new()),
+            wake,
+        })
+    }
+
+    /// Queue an item and wake the worker.
+    pub fn post(&self, item: MailItem) {
+        lock(&self.items).push(item);
+        if let Err(e) = (&self.wake).write_all(&1u64.to_ne_bytes()) {
+            log::error!("cannot wake a queue worker: {e}");
+        }
+    }
+
+    /// Take every queued item.
+    pub fn take(&self) -> Vec<MailItem> {
+        std::mem::take(&mut *lock(&self.items))
+    }
+}
+
+/// A waiter in the region locks: the request and where to send it back.
+pub struct Parked {
+    pub mailbox: Arc<Mailbox>,
+    pub req: ParkedReq,
+}
+
+/// Lock a mutex, recovering the data if a thread panicked while holding it.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Everything the queue workers and the hydration thread share.
+pub struct Shared {
+    pub geo: RegionGeometry,
+    pub spec: CloneSpec,
+    pub len: u64,
+    pub logical_block_size: u32,
+    pub map: RegionMap,
+    pub locks: RegionLocks<Parked>,
+    pub sched: Scheduler,
+    pub dest: ReadWriteFile,
+    pub dest_buffered: File,
+    pub source: ReadOnlyFile,
+    pub source_buffered: File,
+    pub metadata: Mutex<CloneMetadata>,
+    pub mode: Mutex<MetadataMode>,
+    pub events: EventHub,
+    /// Wakes the hydration thread (new urgent work, flush requests, settings, stop).
+    pub hydrator_wake: EventFd,
+    /// Flush requests waiting for the next commit.
+    pub flushes: Mutex<Vec<(Arc<Mailbox>, u64)>>,
+    pub stop: AtomicBool,
+    pub started: Instant,
+    /// Regions hydrated by copies since start (for the rate).
+    pub copied_regions: AtomicU64,
+    pub copied_bytes: AtomicU64,
+    pub commits: AtomicU64,
+    pub complete_announced: AtomicBool,
+}
+
+impl Shared {
+    /// Current metadata mode.
+    pub fn mode(&self) -> MetadataMode {
+        *lock(&self.mode)
+    }
+
+    /// Switch the metadata mode (only ever towards worse), with an event.
+    pub fn set_mode(&self, to: MetadataMode) {
+        let mut mode = lock(&self.mode);
+        let from = *mode;
+        let rank = |m: MetadataMode| match m {
+            MetadataMode::Rw => 0,
+            MetadataMode::Ro => 1,
+            MetadataMode::Fail => 2,
+        };
+        if rank(to) > rank(from) {
+            *mode = to;
+            drop(mode);
+            log::error!(
+                "clone metadata mode {} -> {}",
+                from.as_status_str(),
+                to.as_status_str()
+            );
+            self.events.publish(&Event::ModeChange { from, to });
+        }
+    }
+
+    /// Wake the hydration thread.
+    pub fn wake_hydrator(&self) {
+        if let Err(e) = self.hydrator_wake.write(1) {
+            log::error!("cannot wake the hydration thread: {e}");
+        }
+    }
+
+    /// Commit: take the dirty words, make the destination durable, then write the
+    /// words and commit the metadata (superblock last). A region's bit never reaches
+    /// the metadata device before its data is durable on the destination.
+    pub fn commit(&self) -> Result<(), String> {
+        let mut md = lock(&self.metadata);
+        if self.mode() != MetadataMode::Rw {
+            // Still make guest writes durable; the metadata cannot change.
+            return self
+                .dest_buffered
+                .sync_data()
+                .map_err(|e| format!("flushing the destination: {e}"))
+                .and(Err("metadata is read-only after an earlier error".to_string()));
+        }
+        let words = self.map.take_dirty();
+        if let Err(e) = self.dest_buffered.sync_data() {
+            self.map.restore_dirty(&words);
+            return Err(format!("flushing the destination: {e}"));
+        }
+        if words.is_empty() {
+            return Ok(());
+        }
+        let result = words
+            .iter()
+            .try_for_each(|&(w, value)| md.set_word(w, value))
+            .and_then(|()| md.commit().map(|_| ()));
+        match result {
+            Ok(()) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                drop(md);
+                self.map.release_if_complete();
+                Ok(())
+            }
+            Err(e) => {
+                self.map.restore_dirty(&words);
+                drop(md);
+                self.set_mode(MetadataMode::Ro);
+                Err(format!("committing metadata: {e}"))
+            }
+        }
+    }
+
+    /// dm-clone's status fields.
+    pub fn status(&self) -> CloneStatus {
+        let md = lock(&self.metadata);
+        CloneStatus {
+            used_md_blocks: md.used_blocks(),
+            total_md_blocks: md.total_blocks(),
+            region_sectors: self.geo.region_sectors(),
+            hydrated: self.map.hydrated_count(),
+            nr_regions: self.geo.nr_regions(),
+            hydrating: self.locks.hydrating(),
+            no_hydration: !self.sched.is_enabled(),
+            no_discard_passdown: self.spec.no_discard_passdown,
+            hydration_threshold: self.sched.threshold(),
+            hydration_batch_size: self.sched.batch_size(),
+            mode: self.mode(),
+        }
+    }
+
+    /// Progress as JSON.
+    pub fn status_json(&self) -> StatusJson {
+        let status = self.status();
+        let state = if self.map.all_hydrated() {
+            HydrationState::Complete
+        } else if self.sched.is_halted() {
+            HydrationState::Stopped
+        } else if self.sched.is_enabled() {
+            HydrationState::Running
+        } else {
+            HydrationState::Disabled
+        };
+        let secs = self.started.elapsed().as_secs_f64();
+        let copied = self.copied_regions.load(Ordering::Relaxed);
+        let rate = (secs > 0.0 && copied > 0).then(|| copied as f64 / secs);
+        StatusJson::new(
+            &status,
+            state,
+            rate,
+            &self.sched.failures().stats(),
+            self.map.memory_bytes(),
+        )
+    }
+}
+
+/// The `clone` target: a [`BlockBackend`] whose workers route by region.
+pub struct CloneTarget {
+    shared: Arc<Shared>,
+    hydrator: Mutex<Option<JoinHandle<()>>>,
+    read_only: bool,
+}
+
+fn buffered(path: &PathBuf, write: bool, role: &'static str) -> Result<File, CloneError> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| CloneError::Open {
+            role,
+            path: path.clone(),
+            source,
+        })
+}
+
+impl CloneTarget {
+    /// Open the three devices and the metadata as dm-clone's constructor does. `len`
+    /// is the table length (default: the source size).
+    pub fn open(
+        spec: &CloneSpec,
+        len: Option<u64>,
+        logical_block_size: u32,
+        read_only: bool,
+    ) -> Result<Arc<Self>, CloneError> {
+        let source = ReadOnlyFile::open(&spec.source).map_err(|e| CloneError::OpenDirect("source", e))?;
+        let source_buffered = buffered(&spec.source, false, "source")?;
+        let dest = ReadWriteFile::open(&spec.destination)
+            .map_err(|e| CloneError::OpenDirect("destination", e))?;
+        let dest_buffered = buffered(&spec.destination, true, "destination")?;
+        let source_sectors = source.size() / SECTOR_SIZE;
+        let len = len.unwrap_or(source_sectors);
+        if len == 0 {
+            return Err(CloneError::EmptySource {
+                path: spec.source.clone(),
+            });
+        }
+        for (role, path, have) in [
+            ("source", &spec.source, source_sectors),
+            ("destination", &spec.destination, dest.size() / SECTOR_SIZE),
+        ] {
+            if have < len {
+                return Err(CloneError::TooSmall {
+                    role,
+                    path: path.clone(),
+                    have,
+                    need: len,
+                });
+            }
+        }
+        let geo = RegionGeometry::new(spec.region_sectors, len)?;
+        let metadata = CloneMetadata::open_or_format(&spec.metadata, spec.region_sectors, len)
+            .map_err(|source| CloneError::Metadata {
+                path: spec.metadata.clone(),
+                source,
+            })?;
+        let map = RegionMap::from_words(geo.nr_regions(), metadata.words().to_vec())?;
+        let sched = Scheduler::new(
+            geo.nr_regions(),
+            SchedulerConfig {
+                hydration_threshold: u64::from(spec.hydration_threshold),
+                hydration_batch_size: u64::from(spec.hydration_batch_size),
+                background: !spec.no_hydration,
+                ..SchedulerConfig::default()
+            },
+        )?;
+        let shared = Arc::new(Shared {
+            geo,
+            spec: spec.clone(),
+            len,
+            logical_block_size,
+            map,
+            locks: RegionLocks::new(),
+            sched,
+            dest,
+            dest_buffered,
+            source,
+            source_buffered,
+            metadata: Mutex::new(metadata),
+            mode: Mutex::new(MetadataMode::Rw),
+            events: EventHub::new(),
+            hydrator_wake: EventFd::new(EFD_NONBLOCK).map_err(CloneError::EventFd)?,
+            flushes: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            started: Instant::now(),
+            copied_regions: AtomicU64::new(0),
+            copied_bytes: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            complete_announced: AtomicBool::new(false),
+        });
+        let thread_shared = shared.clone();
+        let hydrator = std::thread::Builder::new()
+            .name("hydrator".into())
+            .spawn(move || super::hydrator::run(thread_shared))
+            .map_err(CloneError::Thread)?;
+        log::info!(
+            "clone: {} regions of {} sectors, {} hydrated, background hydration {}",
+            shared.geo.nr_regions(),
+            shared.geo.region_sectors(),
+            shared.map.hydrated_count(),
+            if spec.no_hydration { "off" } else { "on" }
+        );
+        Ok(Arc::new(CloneTarget {
+            shared,
+            hydrator: Mutex::new(Some(hydrator)),
+            read_only,
+        }))
+    }
+
+    /// Shared state (status, events).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The table length in sectors.
+    pub fn len(&self) -> u64 {
+        self.shared.len
+    }
+
+    /// Never true: a target has at least one sector.
+    pub fn is_empty(&self) -> bool {
+        self.shared.len == 0
+    }
+
+    /// The `dmsetup status` line.
+    pub fn status_line(&self) -> String {
+        self.shared.status().dmsetup_line(0, self.shared.len)
+    }
+
+    /// A dm-clone message: `enable_hydration`, `disable_hydration`,
+    /// `hydration_threshold N`, `hydration_batch_size N`.
+    pub fn message(&self, words: &[&str]) -> Result<(), String> {
+        let s = &self.shared;
+        match words {
+            ["enable_hydration"] => {
+                s.sched.enable();
+                s.wake_hydrator();
+            }
+            ["disable_hydration"] => s.sched.disable(),
+            ["hydration_threshold", n] => {
+                let n = parse_core_value("hydration_threshold", n).map_err(|e| e.to_string())?;
+                s.sched
+                    .set_threshold(u64::from(n))
+                    .map_err(|e| e.to_string())?;
+                s.wake_hydrator();
+            }
+            ["hydration_batch_size", n] => {
+                let n = parse_core_value("hydration_batch_size", n).map_err(|e| e.to_string())?;
+                s.sched
+                    .set_batch_size(u64::from(n))
+                    .map_err(|e| e.to_string())?;
+            }
+            _ => {
+                return Err(format!(
+                    "unsupported message '{}' (expected enable_hydration, disable_hydration, \
+                     hydration_threshold N or hydration_batch_size N)",
+                    words.join(" ")
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the hydration thread: in-flight copies finish, the metadata is committed.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake_hydrator();
+        if let Some(handle) = lock(&self.hydrator).take() {
+            if handle.join().is_err() {
+                log::error!("the hydration thread panicked");
+            }
+        }
+        if let Err(e) = self.shared.commit() {
+            log::error!("final commit: {e}");
+        }
+    }
+}
+
+impl Drop for CloneTarget {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl BlockBackend for CloneTarget {
+    type Worker = CloneWorker;
+
+    fn geometry(&self) -> DiskGeometry {
+        let region = u32::try_from(self.shared.geo.region_sectors()).unwrap_or(u32::MAX);
+        DiskGeometry {
+            capacity_sectors: self.shared.len,
+            logical_block_size: self.shared.logical_block_size,
+            physical_block_exp: 0,
+            min_io_size: 1,
+            opt_io_size: 0,
+            read_only: self.read_only,
+            discard: !self.read_only,
+            write_zeroes: !self.read_only,
+            discard_granularity_sectors: region,
+        }
+    }
+
+    fn new_worker(&self, _thread_index: usize) -> std::io::Result<CloneWorker> {
+        CloneWorker::new(self.shared.clone(), self.read_only)
+    }
+}
+
+/// The raw descriptor of the destination's direct handle (for the ring).
+pub fn dest_fd(s: &Shared) -> std::os::fd::RawFd {
+    s.dest.as_raw_fd()
+}
