@@ -1,6 +1,8 @@
 //! virtio-blk over vhost-user, generic over a [`BlockBackend`]. Knows nothing of cloning.
 
 pub mod block;
+pub mod config;
+pub mod request;
 
 pub use block::{
     BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DiskGeometry, GuestBuf, SECTOR_SIZE,
