@@ -7,3 +7,8 @@ pub mod request;
 pub use block::{
     BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DiskGeometry, GuestBuf, SECTOR_SIZE,
 };
+pub mod device;
+pub mod server;
+
+pub use device::VhostUserBlk;
+pub use server::{serve, DeviceOptions, ServeError, StopHandle};
