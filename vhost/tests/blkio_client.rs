@@ -19,10 +19,12 @@ const SECTORS: u64 = 2048; // 1 MiB
 struct MemBackend {
     data: Arc<Mutex<Vec<u8>>>,
     read_only: bool,
+    refuse_writes: Arc<Mutex<bool>>,
 }
 
 struct MemWorker {
     data: Arc<Mutex<Vec<u8>>>,
+    refuse_writes: Arc<Mutex<bool>>,
     efd: EventFd,
     done: Vec<Completion>,
 }
@@ -43,7 +45,10 @@ impl BlockBackend for MemBackend {
         }
     }
     fn new_worker(&self, _thread_index: usize) -> std::io::Result<MemWorker> {
-        Ok(MemWorker { data: self.data.clone(), efd: EventFd::new(EFD_NONBLOCK)?, done: Vec::new() })
+        Ok(MemWorker {
+            data: self.data.clone(),
+            refuse_writes: self.refuse_writes.clone(),
+            efd: EventFd::new(EFD_NONBLOCK)?, done: Vec::new() })
     }
 }
 
@@ -68,6 +73,9 @@ impl MemWorker {
                     unsafe { std::ptr::copy_nonoverlapping(data[off..].as_ptr(), b.ptr, b.len) };
                     off += b.len;
                 }
+            }
+            BlockOp::Write { .. } if *self.refuse_writes.lock().unwrap() => {
+                return Err(BlockError::ReadOnly)
             }
             BlockOp::Write { sector } => {
                 let mut off = range(sector, total)?.start;
@@ -111,6 +119,7 @@ struct Server {
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
     data: Arc<Mutex<Vec<u8>>>,
+    refuse_writes: Arc<Mutex<bool>>,
 }
 
 impl Server {
@@ -119,7 +128,12 @@ impl Server {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let data = Arc::new(Mutex::new(vec![0u8; (SECTORS * SECTOR_SIZE) as usize]));
-        let backend = Arc::new(MemBackend { data: data.clone(), read_only });
+        let refuse_writes = Arc::new(Mutex::new(false));
+        let backend = Arc::new(MemBackend {
+            data: data.clone(),
+            read_only,
+            refuse_writes: refuse_writes.clone(),
+        });
         let stop = StopHandle::new().unwrap();
         let stop2 = stop.clone();
         let opts = DeviceOptions {
@@ -131,7 +145,7 @@ impl Server {
             size_max: 1 << 20,
         };
         let thread = std::thread::spawn(move || serve(backend, &opts, listener, &stop2).unwrap());
-        Server { path, stop, thread: Some(thread), data }
+        Server { path, stop, thread: Some(thread), data, refuse_writes }
     }
 }
 
@@ -277,13 +291,27 @@ fn read_only_refuses_writes() {
     // libblkio refuses a read-write open of a device offering VIRTIO_BLK_F_RO.
     let mut rw = Blkio::new("virtio-blk-vhost-user").unwrap();
     rw.set_str("path", srv.path.to_str().unwrap()).unwrap();
-    assert!(rw.connect().is_err());
+    rw.connect().unwrap();
+    assert!(rw.start().is_err());
     drop(rw);
     let mut c = connect_opts(&srv.path, 1, true);
     assert_eq!(c.read(0, 0, 0, 512), 0);
     assert_eq!(c.buf(0, 512), &pattern(9, 512)[..]);
     assert!(c.write(0, 0, 0, 512) < 0);
     assert_eq!(&srv.data.lock().unwrap()[..512], &pattern(9, 512)[..]);
+}
+
+#[test]
+fn backend_errors_reach_the_guest() {
+    // The geometry says writable, but the backend refuses writes at run time.
+    let srv = Server::start("rofail", false, 1, 1);
+    *srv.refuse_writes.lock().unwrap() = true;
+    let mut c = connect(&srv.path, 1);
+    c.buf(0, 512).copy_from_slice(&pattern(5, 512));
+    assert!(c.write(0, 0, 0, 512) < 0);
+    assert!(srv.data.lock().unwrap()[..512].iter().all(|&b| b == 0));
+    // The queue keeps working after the failure.
+    assert_eq!(c.read(0, 0, 0, 512), 0);
 }
 
 #[test]
