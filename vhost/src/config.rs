@@ -42,7 +42,7 @@ impl BlkConfig {
         put(&mut b, 0, &geo.capacity_sectors.to_le_bytes()); // capacity
         put(&mut b, 8, &opts.size_max.to_le_bytes()); // size_max
         put(&mut b, 12, &opts.seg_max.to_le_bytes()); // seg_max
-        // 16..20: geometry (cylinders, heads, sectors) left zero: F_GEOMETRY not offered.
+                                                      // 16..20: geometry (cylinders, heads, sectors) left zero: F_GEOMETRY not offered.
         put(&mut b, 20, &geo.logical_block_size.to_le_bytes()); // blk_size
         put(&mut b, 24, &[geo.physical_block_exp]); // topology.physical_block_exp
         put(&mut b, 25, &[0]); // topology.alignment_offset
@@ -128,7 +128,12 @@ mod tests {
     fn cfg() -> BlkConfig {
         BlkConfig::new(
             &geo(),
-            &ConfigOptions { size_max: 1 << 20, seg_max: 126, num_queues: 4, writeback: 1 },
+            &ConfigOptions {
+                size_max: 1 << 20,
+                seg_max: 126,
+                num_queues: 4,
+                writeback: 1,
+            },
         )
     }
 
@@ -140,7 +145,10 @@ mod tests {
     fn field_offsets() {
         let c = cfg();
         let b = c.as_bytes();
-        assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 0x1_0000_0002);
+        assert_eq!(
+            u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            0x1_0000_0002
+        );
         assert_eq!(le32(b, 8), 1 << 20);
         assert_eq!(le32(b, 12), 126);
         assert_eq!(le32(b, 20), 4096);
@@ -164,7 +172,12 @@ mod tests {
         g.write_zeroes = false;
         let c = BlkConfig::new(
             &g,
-            &ConfigOptions { size_max: 0, seg_max: 1, num_queues: 1, writeback: 0 },
+            &ConfigOptions {
+                size_max: 0,
+                seg_max: 1,
+                num_queues: 1,
+                writeback: 0,
+            },
         );
         assert!(c.as_bytes()[36..60].iter().all(|&x| x == 0));
     }

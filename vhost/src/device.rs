@@ -23,7 +23,9 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::block::{BlockBackend, BlockError, BlockOp, BlockWorker, Completion, GuestBuf};
 use crate::config::{BlkConfig, ConfigOptions};
@@ -333,7 +335,10 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 }
             }
             loop {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 self.start_request(ts, local, &vring, chain, &mem);
             }
@@ -413,7 +418,16 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 let written = self.write_id(mem, data)?;
                 let vring = ts.vrings.get(local).cloned();
                 if let Some(vring) = vring {
-                    self.finish_now(ts, &vring, local, head, mem, status, VIRTIO_BLK_S_OK, written + 1);
+                    self.finish_now(
+                        ts,
+                        &vring,
+                        local,
+                        head,
+                        mem,
+                        status,
+                        VIRTIO_BLK_S_OK,
+                        written + 1,
+                    );
                 }
                 return Ok(());
             }
@@ -432,7 +446,12 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             return Err(e);
         }
         let ok_len = u32::try_from(ok_len.saturating_add(1)).unwrap_or(u32::MAX);
-        let inflight = InFlight { head, status, ok_len, mem: mem.clone() };
+        let inflight = InFlight {
+            head,
+            status,
+            ok_len,
+            mem: mem.clone(),
+        };
         let slot = match ts.queues.get_mut(local) {
             Some(q) => q.insert(inflight),
             None => {
@@ -480,7 +499,14 @@ impl<B: BlockBackend> VhostUserBlk<B> {
         self.add_used(ts, vring, local, head, len);
     }
 
-    fn add_used(&self, ts: &mut ThreadState<B::Worker>, vring: &Vring, local: usize, head: u16, len: u32) {
+    fn add_used(
+        &self,
+        ts: &mut ThreadState<B::Worker>,
+        vring: &Vring,
+        local: usize,
+        head: u16,
+        len: u32,
+    ) {
         if let Err(e) = vring.add_used(head, len) {
             warn!("queue {local}: add_used({head}, {len}) failed: {e}");
             return;
@@ -514,7 +540,9 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             if !std::mem::take(&mut q.need_signal) {
                 continue;
             }
-            let Some(vring) = ts.vrings.get(local) else { continue };
+            let Some(vring) = ts.vrings.get(local) else {
+                continue;
+            };
             let notify = vring.needs_notification().unwrap_or(true);
             if notify {
                 if let Err(e) = vring.signal_used_queue() {
@@ -532,7 +560,10 @@ fn translate(mem: &Mem, data: &[Desc], bufs: &mut Vec<GuestBuf>) -> Result<(), R
         let mut covered = 0usize;
         for s in GuestMemoryBackend::get_slices(mem, GuestAddress(d.addr), d.len as usize) {
             let s = s.map_err(|e| RequestError::Memory(e.to_string()))?;
-            bufs.push(GuestBuf { ptr: s.ptr_guard_mut().as_ptr(), len: s.len() });
+            bufs.push(GuestBuf {
+                ptr: s.ptr_guard_mut().as_ptr(),
+                len: s.len(),
+            });
             covered += s.len();
         }
         if covered != d.len as usize {
@@ -588,7 +619,10 @@ impl<B: BlockBackend> VhostUserBackend for VhostUserBlk<B> {
         if lock(&self.config).write(offset, buf) {
             Ok(())
         } else {
-            warn!("refusing config write at offset {offset}, {} bytes", buf.len());
+            warn!(
+                "refusing config write at offset {offset}, {} bytes",
+                buf.len()
+            );
             Err(io::Error::from(io::ErrorKind::InvalidInput))
         }
     }

@@ -65,9 +65,17 @@ pub struct Limits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request<'a> {
     /// Read `len` bytes at `sector` into `data` (all device-writable).
-    Read { sector: u64, data: &'a [Desc], len: u64 },
+    Read {
+        sector: u64,
+        data: &'a [Desc],
+        len: u64,
+    },
     /// Write `len` bytes from `data` (all device-readable) at `sector`.
-    Write { sector: u64, data: &'a [Desc], len: u64 },
+    Write {
+        sector: u64,
+        data: &'a [Desc],
+        len: u64,
+    },
     /// Flush the write cache.
     Flush,
     /// Write the device ID (up to 20 bytes) into `data` (all device-writable).
@@ -104,7 +112,11 @@ pub enum ParseError {
     BadDataLength(u64),
     /// The sector range is (partly) beyond the capacity.
     #[error("sectors {sector}+{nr_sectors} beyond capacity {capacity}")]
-    OutOfRange { sector: u64, nr_sectors: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        nr_sectors: u64,
+        capacity: u64,
+    },
     /// A modifying request on a read-only device.
     #[error("write-type request {0} on a read-only device")]
     ReadOnly(u32),
@@ -174,12 +186,18 @@ pub fn check_chain<'a>(descs: &'a [Desc], limits: &Limits) -> Result<&'a [Desc],
     let data = rest.split_last().map(|(_, d)| d).unwrap_or(&[]);
     // §5.2.4: seg_max is the maximum number of segments in a request.
     if data.len() > limits.seg_max as usize {
-        return Err(ParseError::TooManySegments { count: data.len(), max: limits.seg_max });
+        return Err(ParseError::TooManySegments {
+            count: data.len(),
+            max: limits.seg_max,
+        });
     }
     // §5.2.4: size_max is the maximum size of any single segment.
     if limits.size_max != 0 {
         if let Some(d) = data.iter().find(|d| d.len > limits.size_max) {
-            return Err(ParseError::SegmentTooLarge { len: d.len, max: limits.size_max });
+            return Err(ParseError::SegmentTooLarge {
+                len: d.len,
+                max: limits.size_max,
+            });
         }
     }
     Ok(data)
@@ -233,9 +251,17 @@ pub fn parse<'a>(
             }
             check_range(h.sector, len / SECTOR_SIZE, limits)?;
             Ok(if is_in {
-                Request::Read { sector: h.sector, data, len }
+                Request::Read {
+                    sector: h.sector,
+                    data,
+                    len,
+                }
             } else {
-                Request::Write { sector: h.sector, data, len }
+                Request::Write {
+                    sector: h.sector,
+                    data,
+                    len,
+                }
             })
         }
         // §5.2.6: a flush carries no data; the sector field is ignored.
@@ -245,7 +271,11 @@ pub fn parse<'a>(
             Ok(Request::GetId { data })
         }
         T_DISCARD | T_WRITE_ZEROES => {
-            let offered = if h.req_type == T_DISCARD { limits.discard } else { limits.write_zeroes };
+            let offered = if h.req_type == T_DISCARD {
+                limits.discard
+            } else {
+                limits.write_zeroes
+            };
             // §5.2.6.2: unsupported (not negotiated) request types get VIRTIO_BLK_S_UNSUPP.
             if !offered {
                 return Err(ParseError::Unsupported(h.req_type));
@@ -257,11 +287,13 @@ pub fn parse<'a>(
             let len = check_direction(data, false, h.req_type)?;
             // §5.2.6.1: data is a multiple of the segment size, at most max_*_seg (= 1) segments.
             match data {
-                [segment] if segment.len as usize == SEGMENT_LEN => Ok(if h.req_type == T_DISCARD {
-                    Request::Discard { segment: *segment }
-                } else {
-                    Request::WriteZeroes { segment: *segment }
-                }),
+                [segment] if segment.len as usize == SEGMENT_LEN => {
+                    Ok(if h.req_type == T_DISCARD {
+                        Request::Discard { segment: *segment }
+                    } else {
+                        Request::WriteZeroes { segment: *segment }
+                    })
+                }
                 _ => Err(ParseError::BadSegmentList(len)),
             }
         }
@@ -311,7 +343,11 @@ pub fn fuzz_parse(data: &[u8]) {
     let flags = next();
     let limits = Limits {
         capacity_sectors: u64::from_le_bytes([next(), next(), next(), 0, 0, 0, 0, 0])
-            | if flags & 0x80 != 0 { u64::MAX - 0xffff } else { 0 },
+            | if flags & 0x80 != 0 {
+                u64::MAX - 0xffff
+            } else {
+                0
+            },
         seg_max: u32::from(next() % 8),
         size_max: u32::from(next()) * 512,
         read_only: flags & 1 != 0,
@@ -359,7 +395,9 @@ pub fn fuzz_parse(data: &[u8]) {
             if let Ok(op) = parse_segment(r, &seg, &limits) {
                 match op {
                     BlockOp::Discard { sector, nr_sectors }
-                    | BlockOp::WriteZeroes { sector, nr_sectors, .. } => {
+                    | BlockOp::WriteZeroes {
+                        sector, nr_sectors, ..
+                    } => {
                         assert!(sector + nr_sectors <= limits.capacity_sectors)
                     }
                     _ => unreachable!("segment parser returned a non-range op"),

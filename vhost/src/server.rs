@@ -117,8 +117,16 @@ fn wait_for_client(listener: RawFd, stop: &StopHandle) -> io::Result<bool> {
             return Ok(false);
         }
         let mut fds = [
-            libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.inner.event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: listener,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.inner.event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: `fds` is a valid, writable array of two pollfd structs that outlives the call,
         // and the length passed matches it.
@@ -178,7 +186,9 @@ fn run_daemon<B: BlockBackend>(
         h.register_listener(fd, EventSet::IN, dev.worker_event_id())
             .map_err(|source| ServeError::Register { thread, source })?;
     }
-    daemon.start(listener).map_err(|e| ServeError::Daemon(e.to_string()))?;
+    daemon
+        .start(listener)
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
     info!("vhost-user frontend connected");
     stop.set_conn(daemon.shutdown_handle());
     if stop.is_stopped() {

@@ -3,7 +3,7 @@
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -48,7 +48,9 @@ impl BlockBackend for MemBackend {
         Ok(MemWorker {
             data: self.data.clone(),
             refuse_writes: self.refuse_writes.clone(),
-            efd: EventFd::new(EFD_NONBLOCK)?, done: Vec::new() })
+            efd: EventFd::new(EFD_NONBLOCK)?,
+            done: Vec::new(),
+        })
     }
 }
 
@@ -59,7 +61,11 @@ impl MemWorker {
             let start = sector * SECTOR_SIZE;
             let end = start + n;
             if end > data.len() as u64 {
-                return Err(BlockError::OutOfRange { sector, nr_sectors: n / 512, capacity: SECTORS });
+                return Err(BlockError::OutOfRange {
+                    sector,
+                    nr_sectors: n / 512,
+                    capacity: SECTORS,
+                });
             }
             Ok(start as usize..end as usize)
         };
@@ -81,12 +87,17 @@ impl MemWorker {
                 let mut off = range(sector, total)?.start;
                 for b in bufs {
                     // SAFETY: as above, the buffer is valid for reads of `b.len` bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(b.ptr, data[off..].as_mut_ptr(), b.len) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(b.ptr, data[off..].as_mut_ptr(), b.len)
+                    };
                     off += b.len;
                 }
             }
             BlockOp::Flush => {}
-            BlockOp::Discard { sector, nr_sectors } | BlockOp::WriteZeroes { sector, nr_sectors, .. } => {
+            BlockOp::Discard { sector, nr_sectors }
+            | BlockOp::WriteZeroes {
+                sector, nr_sectors, ..
+            } => {
                 let r = range(sector, nr_sectors * SECTOR_SIZE)?;
                 data[r].fill(0);
             }
@@ -145,7 +156,13 @@ impl Server {
             size_max: 1 << 20,
         };
         let thread = std::thread::spawn(move || serve(backend, &opts, listener, &stop2).unwrap());
-        Server { path, stop, thread: Some(thread), data, refuse_writes }
+        Server {
+            path,
+            stop,
+            thread: Some(thread),
+            data,
+            refuse_writes,
+        }
     }
 }
 
@@ -166,11 +183,11 @@ struct Client {
     region: MemoryRegion,
 }
 
-fn connect(path: &PathBuf, num_queues: i32) -> Client {
+fn connect(path: &Path, num_queues: i32) -> Client {
     connect_opts(path, num_queues, false)
 }
 
-fn connect_opts(path: &PathBuf, num_queues: i32, read_only: bool) -> Client {
+fn connect_opts(path: &Path, num_queues: i32, read_only: bool) -> Client {
     let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
     blkio.set_str("path", path.to_str().unwrap()).unwrap();
     blkio.set_bool("read-only", read_only).unwrap();
@@ -179,7 +196,11 @@ fn connect_opts(path: &PathBuf, num_queues: i32, read_only: bool) -> Client {
     let queues = blkio.start().unwrap().queues;
     let region = blkio.alloc_mem_region(1 << 20).unwrap();
     blkio.map_mem_region(&region).unwrap();
-    Client { blkio, queues, region }
+    Client {
+        blkio,
+        queues,
+        region,
+    }
 }
 
 fn wait_one(q: &mut Blkioq) -> i32 {
@@ -191,7 +212,7 @@ fn wait_one(q: &mut Blkioq) -> i32 {
 }
 
 impl Client {
-    fn buf(&self, off: usize, len: usize) -> &mut [u8] {
+    fn buf(&mut self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.region.len);
         // SAFETY: the region is mapped, `off + len` is inside it, and tests use disjoint ranges.
         unsafe { std::slice::from_raw_parts_mut((self.region.addr + off) as *mut u8, len) }
@@ -209,7 +230,9 @@ impl Client {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -226,7 +249,10 @@ fn read_write_flush_discard_write_zeroes() {
         assert_eq!(c.read(0, start, 512 * 1024, len), 0);
         assert_eq!(c.buf(512 * 1024, len), &pattern(seed, len)[..]);
         let data = srv.data.lock().unwrap();
-        assert_eq!(&data[start as usize..start as usize + len], &pattern(seed, len)[..]);
+        assert_eq!(
+            &data[start as usize..start as usize + len],
+            &pattern(seed, len)[..]
+        );
     }
     // Out of range.
     assert!(c.read(0, last, 0, 1024) < 0);
@@ -242,7 +268,10 @@ fn read_write_flush_discard_write_zeroes() {
     {
         let data = srv.data.lock().unwrap();
         assert!(data[4096..16384].iter().all(|&b| b == 0));
-        assert_eq!(&data[16384..4096 + 64 * 1024], &pattern(3, 64 * 1024)[16384 - 4096..]);
+        assert_eq!(
+            &data[16384..4096 + 64 * 1024],
+            &pattern(3, 64 * 1024)[16384 - 4096..]
+        );
     }
     assert_eq!(c.read(0, 4096, 0, 12288), 0);
     assert!(c.buf(0, 12288).iter().all(|&b| b == 0));
@@ -258,7 +287,11 @@ fn read_write_flush_discard_write_zeroes() {
 fn multi_queue_concurrent() {
     let srv = Server::start("mq", false, 4, 2);
     let c = connect(&srv.path, 4);
-    let Client { blkio, queues, region } = c;
+    let Client {
+        blkio,
+        queues,
+        region,
+    } = c;
     let base = region.addr;
     std::thread::scope(|s| {
         for (i, mut q) in queues.into_iter().enumerate() {

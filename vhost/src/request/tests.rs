@@ -18,10 +18,18 @@ fn hdr(t: u32, sector: u64) -> [u8; HEADER_LEN] {
 }
 
 fn r(len: u32) -> Desc {
-    Desc { addr: 0x1000, len, writable: false }
+    Desc {
+        addr: 0x1000,
+        len,
+        writable: false,
+    }
 }
 fn w(len: u32) -> Desc {
-    Desc { addr: 0x2000, len, writable: true }
+    Desc {
+        addr: 0x2000,
+        len,
+        writable: true,
+    }
 }
 
 fn seg(sector: u64, n: u32, flags: u32) -> [u8; SEGMENT_LEN] {
@@ -37,10 +45,17 @@ fn read_ok_and_first_last_sector() {
     let d = [r(16), w(512), w(1024), w(1)];
     assert_eq!(
         parse(&hdr(T_IN, 0), &d, &LIM),
-        Ok(Request::Read { sector: 0, data: &d[1..3], len: 1536 })
+        Ok(Request::Read {
+            sector: 0,
+            data: &d[1..3],
+            len: 1536
+        })
     );
     let d = [r(16), w(512), w(1)];
-    assert!(matches!(parse(&hdr(T_IN, 999), &d, &LIM), Ok(Request::Read { sector: 999, .. })));
+    assert!(matches!(
+        parse(&hdr(T_IN, 999), &d, &LIM),
+        Ok(Request::Read { sector: 999, .. })
+    ));
 }
 
 #[test]
@@ -48,15 +63,25 @@ fn write_ok() {
     let d = [r(16), r(4096), w(1)];
     assert_eq!(
         parse(&hdr(T_OUT, 10), &d, &LIM),
-        Ok(Request::Write { sector: 10, data: &d[1..2], len: 4096 })
+        Ok(Request::Write {
+            sector: 10,
+            data: &d[1..2],
+            len: 4096
+        })
     );
 }
 
 #[test]
 fn out_of_range() {
     let d = [r(16), w(1024), w(1)];
-    assert!(matches!(parse(&hdr(T_IN, 999), &d, &LIM), Err(ParseError::OutOfRange { .. })));
-    assert!(matches!(parse(&hdr(T_IN, 1000), &d, &LIM), Err(ParseError::OutOfRange { .. })));
+    assert!(matches!(
+        parse(&hdr(T_IN, 999), &d, &LIM),
+        Err(ParseError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        parse(&hdr(T_IN, 1000), &d, &LIM),
+        Err(ParseError::OutOfRange { .. })
+    ));
     assert!(matches!(
         parse(&hdr(T_IN, u64::MAX), &d, &LIM),
         Err(ParseError::OutOfRange { .. })
@@ -70,17 +95,29 @@ fn out_of_range() {
 #[test]
 fn bad_data_length() {
     let d = [r(16), w(513), w(1)];
-    assert_eq!(parse(&hdr(T_IN, 0), &d, &LIM), Err(ParseError::BadDataLength(513)));
+    assert_eq!(
+        parse(&hdr(T_IN, 0), &d, &LIM),
+        Err(ParseError::BadDataLength(513))
+    );
     let d = [r(16), w(1)];
-    assert_eq!(parse(&hdr(T_IN, 0), &d, &LIM), Err(ParseError::BadDataLength(0)));
+    assert_eq!(
+        parse(&hdr(T_IN, 0), &d, &LIM),
+        Err(ParseError::BadDataLength(0))
+    );
 }
 
 #[test]
 fn wrong_direction() {
     let d = [r(16), r(512), w(1)];
-    assert!(matches!(parse(&hdr(T_IN, 0), &d, &LIM), Err(ParseError::WrongDirection { .. })));
+    assert!(matches!(
+        parse(&hdr(T_IN, 0), &d, &LIM),
+        Err(ParseError::WrongDirection { .. })
+    ));
     let d = [r(16), w(512), w(1)];
-    assert!(matches!(parse(&hdr(T_OUT, 0), &d, &LIM), Err(ParseError::WrongDirection { .. })));
+    assert!(matches!(
+        parse(&hdr(T_OUT, 0), &d, &LIM),
+        Err(ParseError::WrongDirection { .. })
+    ));
     let d = [r(16), r(20), w(1)];
     assert!(matches!(
         parse(&hdr(T_GET_ID, 0), &d, &LIM),
@@ -96,20 +133,35 @@ fn wrong_direction() {
 #[test]
 fn status_checks() {
     assert_eq!(parse(&hdr(T_IN, 0), &[], &LIM), Err(ParseError::NoStatus));
-    assert_eq!(parse(&hdr(T_IN, 0), &[r(16), w(512), r(1)], &LIM), Err(ParseError::NoStatus));
-    assert_eq!(parse(&hdr(T_IN, 0), &[r(16), w(512), w(0)], &LIM), Err(ParseError::NoStatus));
+    assert_eq!(
+        parse(&hdr(T_IN, 0), &[r(16), w(512), r(1)], &LIM),
+        Err(ParseError::NoStatus)
+    );
+    assert_eq!(
+        parse(&hdr(T_IN, 0), &[r(16), w(512), w(0)], &LIM),
+        Err(ParseError::NoStatus)
+    );
     assert_eq!(ParseError::NoStatus.status(), None);
 }
 
 #[test]
 fn chain_too_short() {
-    assert_eq!(parse(&hdr(T_FLUSH, 0), &[w(1)], &LIM), Err(ParseError::TooShort(1)));
+    assert_eq!(
+        parse(&hdr(T_FLUSH, 0), &[w(1)], &LIM),
+        Err(ParseError::TooShort(1))
+    );
 }
 
 #[test]
 fn bad_header() {
-    assert_eq!(parse(&hdr(T_FLUSH, 0), &[r(15), w(1)], &LIM), Err(ParseError::BadHeader));
-    assert_eq!(parse(&hdr(T_FLUSH, 0), &[w(16), w(1)], &LIM), Err(ParseError::BadHeader));
+    assert_eq!(
+        parse(&hdr(T_FLUSH, 0), &[r(15), w(1)], &LIM),
+        Err(ParseError::BadHeader)
+    );
+    assert_eq!(
+        parse(&hdr(T_FLUSH, 0), &[w(16), w(1)], &LIM),
+        Err(ParseError::BadHeader)
+    );
 }
 
 #[test]
@@ -120,16 +172,28 @@ fn chain_too_long_and_segment_too_large() {
         Err(ParseError::TooManySegments { count: 5, max: 4 })
     );
     let d = [r(16), w(2 << 20), w(1)];
-    assert!(matches!(parse(&hdr(T_IN, 0), &d, &LIM), Err(ParseError::SegmentTooLarge { .. })));
+    assert!(matches!(
+        parse(&hdr(T_IN, 0), &d, &LIM),
+        Err(ParseError::SegmentTooLarge { .. })
+    ));
 }
 
 #[test]
 fn read_only() {
-    let lim = Limits { read_only: true, ..LIM };
+    let lim = Limits {
+        read_only: true,
+        ..LIM
+    };
     let d = [r(16), r(512), w(1)];
-    assert_eq!(parse(&hdr(T_OUT, 0), &d, &lim), Err(ParseError::ReadOnly(T_OUT)));
+    assert_eq!(
+        parse(&hdr(T_OUT, 0), &d, &lim),
+        Err(ParseError::ReadOnly(T_OUT))
+    );
     let d = [r(16), r(16), w(1)];
-    assert_eq!(parse(&hdr(T_DISCARD, 0), &d, &lim), Err(ParseError::ReadOnly(T_DISCARD)));
+    assert_eq!(
+        parse(&hdr(T_DISCARD, 0), &d, &lim),
+        Err(ParseError::ReadOnly(T_DISCARD))
+    );
     assert_eq!(
         parse(&hdr(T_WRITE_ZEROES, 0), &d, &lim),
         Err(ParseError::ReadOnly(T_WRITE_ZEROES))
@@ -140,19 +204,35 @@ fn read_only() {
 
 #[test]
 fn flush_and_get_id() {
-    assert_eq!(parse(&hdr(T_FLUSH, 77), &[r(16), w(1)], &LIM), Ok(Request::Flush));
+    assert_eq!(
+        parse(&hdr(T_FLUSH, 77), &[r(16), w(1)], &LIM),
+        Ok(Request::Flush)
+    );
     let d = [r(16), w(20), w(1)];
-    assert_eq!(parse(&hdr(T_GET_ID, 0), &d, &LIM), Ok(Request::GetId { data: &d[1..2] }));
+    assert_eq!(
+        parse(&hdr(T_GET_ID, 0), &d, &LIM),
+        Ok(Request::GetId { data: &d[1..2] })
+    );
 }
 
 #[test]
 fn unsupported() {
     let d = [r(16), w(1)];
     assert_eq!(parse(&hdr(2, 0), &d, &LIM), Err(ParseError::Unsupported(2)));
-    assert_eq!(parse(&hdr(0xffff, 0), &d, &LIM).unwrap_err().status(), Some(VIRTIO_BLK_S_UNSUPP));
-    let lim = Limits { discard: false, write_zeroes: false, ..LIM };
+    assert_eq!(
+        parse(&hdr(0xffff, 0), &d, &LIM).unwrap_err().status(),
+        Some(VIRTIO_BLK_S_UNSUPP)
+    );
+    let lim = Limits {
+        discard: false,
+        write_zeroes: false,
+        ..LIM
+    };
     let d = [r(16), r(16), w(1)];
-    assert_eq!(parse(&hdr(T_DISCARD, 0), &d, &lim), Err(ParseError::Unsupported(T_DISCARD)));
+    assert_eq!(
+        parse(&hdr(T_DISCARD, 0), &d, &lim),
+        Err(ParseError::Unsupported(T_DISCARD))
+    );
     assert_eq!(
         parse(&hdr(T_WRITE_ZEROES, 0), &d, &lim),
         Err(ParseError::Unsupported(T_WRITE_ZEROES))
@@ -166,13 +246,19 @@ fn discard_and_write_zeroes() {
     assert_eq!(req, Request::Discard { segment: d[1] });
     assert_eq!(
         parse_segment(&req, &seg(10, 20, 0), &LIM),
-        Ok(BlockOp::Discard { sector: 10, nr_sectors: 20 })
+        Ok(BlockOp::Discard {
+            sector: 10,
+            nr_sectors: 20
+        })
     );
     assert_eq!(
         parse_segment(&req, &seg(10, 20, FLAG_UNMAP), &LIM),
         Err(ParseError::BadFlags(1))
     );
-    assert_eq!(parse_segment(&req, &seg(10, 20, 2), &LIM), Err(ParseError::BadFlags(2)));
+    assert_eq!(
+        parse_segment(&req, &seg(10, 20, 2), &LIM),
+        Err(ParseError::BadFlags(2))
+    );
     assert!(matches!(
         parse_segment(&req, &seg(990, 20, 0), &LIM),
         Err(ParseError::OutOfRange { .. })
@@ -185,13 +271,24 @@ fn discard_and_write_zeroes() {
     let req = parse(&hdr(T_WRITE_ZEROES, 0), &d, &LIM).unwrap();
     assert_eq!(
         parse_segment(&req, &seg(0, 1000, FLAG_UNMAP), &LIM),
-        Ok(BlockOp::WriteZeroes { sector: 0, nr_sectors: 1000, unmap: true })
+        Ok(BlockOp::WriteZeroes {
+            sector: 0,
+            nr_sectors: 1000,
+            unmap: true
+        })
     );
     assert_eq!(
         parse_segment(&req, &seg(5, 5, 0), &LIM),
-        Ok(BlockOp::WriteZeroes { sector: 5, nr_sectors: 5, unmap: false })
+        Ok(BlockOp::WriteZeroes {
+            sector: 5,
+            nr_sectors: 5,
+            unmap: false
+        })
     );
-    assert_eq!(parse_segment(&req, &seg(5, 5, 0x10), &LIM), Err(ParseError::BadFlags(0x10)));
+    assert_eq!(
+        parse_segment(&req, &seg(5, 5, 0x10), &LIM),
+        Err(ParseError::BadFlags(0x10))
+    );
     assert_eq!(
         parse_segment(&Request::Flush, &seg(5, 5, 0), &LIM),
         Err(ParseError::Unsupported(u32::MAX))
@@ -202,13 +299,25 @@ fn discard_and_write_zeroes() {
 fn discard_segment_count() {
     // Two segments: more than max_discard_seg = 1.
     let d = [r(16), r(32), w(1)];
-    assert_eq!(parse(&hdr(T_DISCARD, 0), &d, &LIM), Err(ParseError::BadSegmentList(32)));
+    assert_eq!(
+        parse(&hdr(T_DISCARD, 0), &d, &LIM),
+        Err(ParseError::BadSegmentList(32))
+    );
     let d = [r(16), r(16), r(16), w(1)];
-    assert_eq!(parse(&hdr(T_WRITE_ZEROES, 0), &d, &LIM), Err(ParseError::BadSegmentList(32)));
+    assert_eq!(
+        parse(&hdr(T_WRITE_ZEROES, 0), &d, &LIM),
+        Err(ParseError::BadSegmentList(32))
+    );
     let d = [r(16), r(15), w(1)];
-    assert_eq!(parse(&hdr(T_DISCARD, 0), &d, &LIM), Err(ParseError::BadSegmentList(15)));
+    assert_eq!(
+        parse(&hdr(T_DISCARD, 0), &d, &LIM),
+        Err(ParseError::BadSegmentList(15))
+    );
     let d = [r(16), w(1)];
-    assert_eq!(parse(&hdr(T_DISCARD, 0), &d, &LIM), Err(ParseError::BadSegmentList(0)));
+    assert_eq!(
+        parse(&hdr(T_DISCARD, 0), &d, &LIM),
+        Err(ParseError::BadSegmentList(0))
+    );
 }
 
 #[test]
