@@ -679,3 +679,68 @@ impl<B: BlockBackend> VhostUserBackend for VhostUserBlk<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_spread_over_threads() {
+        assert_eq!(spread_queues(4, 2), vec![0b0011, 0b1100]);
+        assert_eq!(spread_queues(3, 2), vec![0b011, 0b100]);
+        assert_eq!(spread_queues(2, 8), vec![0b01, 0b10]);
+        assert_eq!(spread_queues(1, 0), vec![0b1]);
+        assert_eq!(spread_queues(0, 1), vec![0b1]);
+        let all = spread_queues(64, 3);
+        assert_eq!(all.iter().fold(0u64, |a, m| a | m), u64::MAX);
+        assert_eq!(all.iter().map(|m| m.count_ones()).sum::<u32>(), 64);
+    }
+
+    #[test]
+    fn translate_splits_across_regions_and_stays_inside_memory() {
+        let mem =
+            Mem::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).unwrap();
+        let mut bufs = Vec::new();
+        let d = Desc {
+            addr: 0xf00,
+            len: 0x200,
+            writable: true,
+        };
+        translate(&mem, &[d], &mut bufs).unwrap();
+        assert_eq!(bufs.len(), 2);
+        assert_eq!(bufs[0].len + bufs[1].len, 0x200);
+        assert_eq!(bufs[0].len, 0x100);
+        bufs.clear();
+        let beyond = Desc {
+            addr: 0x1f00,
+            len: 0x200,
+            writable: true,
+        };
+        assert!(translate(&mem, &[beyond], &mut bufs).is_err());
+        bufs.clear();
+        let outside = Desc {
+            addr: u64::MAX - 4,
+            len: 16,
+            writable: false,
+        };
+        assert!(translate(&mem, &[outside], &mut bufs).is_err());
+    }
+
+    #[test]
+    fn tags_round_trip() {
+        assert_eq!(untag(tag_of(3, 77)), (3, 77));
+        assert_eq!(untag(tag_of(0, u32::MAX)), (0, u32::MAX));
+    }
+
+    #[test]
+    fn error_statuses() {
+        assert_eq!(block_status(&Ok(())), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            block_status(&Err(BlockError::Unsupported)),
+            VIRTIO_BLK_S_UNSUPP
+        );
+        assert_eq!(block_status(&Err(BlockError::ReadOnly)), VIRTIO_BLK_S_IOERR);
+        let io = BlockError::Io(io::Error::from(io::ErrorKind::Other));
+        assert_eq!(block_status(&Err(io)), VIRTIO_BLK_S_IOERR);
+    }
+}
