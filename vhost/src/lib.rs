@@ -1,7 +1,14 @@
 //! virtio-blk over vhost-user, generic over a [`BlockBackend`]. Knows nothing of cloning.
 
 pub mod block;
+pub mod config;
+pub mod request;
 
 pub use block::{
     BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DiskGeometry, GuestBuf, SECTOR_SIZE,
 };
+pub mod device;
+pub mod server;
+
+pub use device::VhostUserBlk;
+pub use server::{serve, DeviceOptions, ServeError, StopHandle};
