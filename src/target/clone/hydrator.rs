@@ -191,7 +191,9 @@ impl Hydrator {
     fn buffer(&mut self, len: usize) -> Result<AlignedBuf, String> {
         match self.spare.pop() {
             Some(b) if b.len() >= len => Ok(b),
-            _ => AlignedBuf::with_min_len(len).map_err(|e| format!("allocating a copy buffer: {e}")),
+            _ => {
+                AlignedBuf::with_min_len(len).map_err(|e| format!("allocating a copy buffer: {e}"))
+            }
         }
     }
 
@@ -236,7 +238,8 @@ impl Hydrator {
         let s = self.s.clone();
         let direct = s.dest.align().fits(buf.as_ptr() as usize, len, pos);
         let result = if direct {
-            self.ring.submit_write_buf(&s.dest, pos, buf, len, slot as u64)
+            self.ring
+                .submit_write_buf(&s.dest, pos, buf, len, slot as u64)
         } else {
             self.ring
                 .submit_write_buf(&BufferedDest(&s.dest_buffered), pos, buf, len, slot as u64)
@@ -253,7 +256,11 @@ impl Hydrator {
             return;
         };
         let reading = matches!(job.phase, Phase::Reading);
-        let what = if reading { "reading the source" } else { "writing the destination" };
+        let what = if reading {
+            "reading the source"
+        } else {
+            "writing the destination"
+        };
         match (c.result, c.buf) {
             (Ok(_), Some(buf)) if reading => self.write_chunk(slot, buf),
             (Ok(_), buf) => {

@@ -154,7 +154,10 @@ impl CloneWorker {
         offset: u64,
     ) {
         let Some(iov) = slice_iovecs(bufs, buf_off, len) else {
-            self.fail_sub(idx, BlockError::Io(io::Error::from_raw_os_error(libc::EFAULT)));
+            self.fail_sub(
+                idx,
+                BlockError::Io(io::Error::from_raw_os_error(libc::EFAULT)),
+            );
             return;
         };
         let s = &self.shared;
@@ -234,7 +237,10 @@ impl CloneWorker {
 
     fn read(&mut self, tag: u64, sector: u64, bufs: &[GuestBuf]) {
         let Some(len) = total_len(bufs) else {
-            return self.complete_now(tag, Err(BlockError::Io(io::Error::from_raw_os_error(libc::EINVAL))));
+            return self.complete_now(
+                tag,
+                Err(BlockError::Io(io::Error::from_raw_os_error(libc::EINVAL))),
+            );
         };
         let nr = len as u64 / SECTOR_SIZE;
         if !self.range_ok(tag, sector, nr) {
@@ -253,7 +259,9 @@ impl CloneWorker {
                     s.wake_hydrator();
                 }
                 run = match run {
-                    Some((src, start, n)) if src == from_source => Some((src, start, n + seg.nr_sectors)),
+                    Some((src, start, n)) if src == from_source => {
+                        Some((src, start, n + seg.nr_sectors))
+                    }
                     Some(prev) => {
                         runs.push(prev);
                         Some((from_source, seg.sector, seg.nr_sectors))
@@ -266,7 +274,15 @@ impl CloneWorker {
         for (from_source, start, n) in runs {
             let buf_off = ((start - sector) * SECTOR_SIZE) as usize;
             let bytes = (n * SECTOR_SIZE) as usize;
-            self.submit_rw(idx, from_source, false, bufs, buf_off, bytes, start * SECTOR_SIZE);
+            self.submit_rw(
+                idx,
+                from_source,
+                false,
+                bufs,
+                buf_off,
+                bytes,
+                start * SECTOR_SIZE,
+            );
         }
         self.put(idx);
     }
@@ -292,7 +308,15 @@ impl CloneWorker {
         }
     }
 
-    fn modify(&mut self, tag: u64, op: BlockOp, sector: u64, nr: u64, bufs: &[GuestBuf], data: Data) {
+    fn modify(
+        &mut self,
+        tag: u64,
+        op: BlockOp,
+        sector: u64,
+        nr: u64,
+        bufs: &[GuestBuf],
+        data: Data,
+    ) {
         if self.read_only {
             return self.complete_now(tag, Err(BlockError::ReadOnly));
         }
@@ -301,7 +325,10 @@ impl CloneWorker {
         }
         let s = self.shared.clone();
         let Ok(split) = s.geo.split(sector, nr) else {
-            return self.complete_now(tag, Err(BlockError::Io(io::Error::from_raw_os_error(libc::EINVAL))));
+            return self.complete_now(
+                tag,
+                Err(BlockError::Io(io::Error::from_raw_os_error(libc::EINVAL))),
+            );
         };
         let metadata_ok = s.mode() == MetadataMode::Rw;
         // Admission: take overwrite locks on whole unhydrated regions; park on the first
@@ -387,7 +414,10 @@ impl CloneWorker {
         }
         let s = self.shared.clone();
         let Ok(range) = s.geo.regions_discardable(sector, nr) else {
-            return self.complete_now(tag, Err(BlockError::Io(io::Error::from_raw_os_error(libc::EINVAL))));
+            return self.complete_now(
+                tag,
+                Err(BlockError::Io(io::Error::from_raw_os_error(libc::EINVAL))),
+            );
         };
         if range.is_empty() {
             return self.complete_now(tag, Ok(()));
