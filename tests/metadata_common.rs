@@ -29,7 +29,9 @@ pub fn fixture_bytes(name: &str) -> Vec<u8> {
     let gz = std::fs::read(&path).unwrap();
     let before = sha256(&gz);
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut out).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut out)
+        .unwrap();
     assert_eq!(sha256(&std::fs::read(&path).unwrap()), before);
     out
 }

@@ -28,7 +28,8 @@ fn crash_all_points(base: Vec<u8>, regions: &[u64]) {
         }
         md.commit().unwrap();
         let img = mem.snapshot();
-        let re = CloneMetadata::open_dev(Box::new(MemDevice::from_bytes(img.clone())), None).unwrap();
+        let re =
+            CloneMetadata::open_dev(Box::new(MemDevice::from_bytes(img.clone())), None).unwrap();
         let expect = if k == n { &new_words } else { &old_words };
         assert_eq!(re.words(), &expect[..], "k={k} of {n}");
         assert!(check_image(&img).unwrap().is_consistent(), "k={k}");
@@ -40,7 +41,9 @@ fn crash_all_points(base: Vec<u8>, regions: &[u64]) {
     // I/O errors: the commit fails, the handle is failed, the disk keeps the old state.
     for k in 0..n {
         let mem = MemDevice::from_bytes(base.clone());
-        let mut md = CloneMetadata::open_dev(Box::new(FaultyDevice::new(mem.clone(), k, true)), None).unwrap();
+        let mut md =
+            CloneMetadata::open_dev(Box::new(FaultyDevice::new(mem.clone(), k, true)), None)
+                .unwrap();
         for r in regions {
             md.set_region(*r).unwrap();
         }
@@ -61,5 +64,8 @@ fn crash_during_commit_fresh() {
 
 #[test]
 fn crash_during_commit_kernel_multilevel() {
-    crash_all_points(common::fixture_bytes("multilevel-64g-4k"), &[5, 9_000_100, 16_777_000]);
+    crash_all_points(
+        common::fixture_bytes("multilevel-64g-4k"),
+        &[5, 9_000_100, 16_777_000],
+    );
 }

@@ -24,15 +24,23 @@ fn every_fixture_opens_checks_and_matches_expect() {
         if let Some(r) = ranges {
             assert_eq!(ranges_string(md.words(), md.nr_regions()), r, "{name}");
         }
-        let open_again = CloneMetadata::open(&path, Some((md.region_size(), md.target_size()))).unwrap();
+        let open_again =
+            CloneMetadata::open(&path, Some((md.region_size(), md.target_size()))).unwrap();
         assert!(!open_again.is_dirty());
         let mut m2 = open_again;
         assert_eq!(m2.commit().unwrap().blocks_written, 0);
-        assert!(dump_cmd(&path, false).unwrap().contains(&format!("hydrated: {h}")));
-        let json: serde_json::Value = serde_json::from_str(&dump_cmd(&path, true).unwrap()).unwrap();
+        assert!(dump_cmd(&path, false)
+            .unwrap()
+            .contains(&format!("hydrated: {h}")));
+        let json: serde_json::Value =
+            serde_json::from_str(&dump_cmd(&path, true).unwrap()).unwrap();
         assert_eq!(json["hydrated"], h);
         // Nothing was written: open, check, dump and a no-op commit leave the bytes alone.
-        assert_eq!(sha256(&std::fs::read(&path).unwrap()), sha256(&bytes), "{name} modified");
+        assert_eq!(
+            sha256(&std::fs::read(&path).unwrap()),
+            sha256(&bytes),
+            "{name} modified"
+        );
         assert!(check_image(&bytes).unwrap().is_consistent());
     }
 }
@@ -46,17 +54,31 @@ fn format_is_byte_identical_to_kernel() {
     assert_eq!(md.total_blocks(), 1024);
     let ours = dev.snapshot();
     assert_eq!(ours.len(), kernel.len());
-    let diff: Vec<usize> = (0..1024).filter(|b| ours[b * 4096..(b + 1) * 4096] != kernel[b * 4096..(b + 1) * 4096]).collect();
+    let diff: Vec<usize> = (0..1024)
+        .filter(|b| ours[b * 4096..(b + 1) * 4096] != kernel[b * 4096..(b + 1) * 4096])
+        .collect();
     assert!(diff.is_empty(), "blocks differ: {diff:?}");
 }
 
 #[test]
 fn format_refuses_nonzero_and_checks_geometry() {
     let bytes = fixture_bytes("partial-64m-4k");
-    assert!(CloneMetadata::format_dev(Box::new(MemDevice::from_bytes(bytes.clone())), 8, 131_072).is_err());
-    assert!(CloneMetadata::open_dev(Box::new(MemDevice::from_bytes(bytes.clone())), Some((16, 131_072))).is_err());
-    assert!(CloneMetadata::open_dev(Box::new(MemDevice::from_bytes(bytes.clone())), Some((8, 131_073))).is_err());
-    let md = CloneMetadata::open_or_format_dev(Box::new(MemDevice::from_bytes(bytes)), 8, 131_072).unwrap();
+    assert!(
+        CloneMetadata::format_dev(Box::new(MemDevice::from_bytes(bytes.clone())), 8, 131_072)
+            .is_err()
+    );
+    assert!(CloneMetadata::open_dev(
+        Box::new(MemDevice::from_bytes(bytes.clone())),
+        Some((16, 131_072))
+    )
+    .is_err());
+    assert!(CloneMetadata::open_dev(
+        Box::new(MemDevice::from_bytes(bytes.clone())),
+        Some((8, 131_073))
+    )
+    .is_err());
+    let md = CloneMetadata::open_or_format_dev(Box::new(MemDevice::from_bytes(bytes)), 8, 131_072)
+        .unwrap();
     assert_eq!(md.hydrated_count(), 19);
     assert!(CloneMetadata::open_dev(Box::new(MemDevice::zeroed(16)), None).is_err());
     assert!(CloneMetadata::format_dev(Box::new(MemDevice::zeroed(8)), 8, 2_097_152).is_err());
@@ -65,7 +87,12 @@ fn format_refuses_nonzero_and_checks_geometry() {
 
 #[test]
 fn continue_kernel_metadata() {
-    for name in ["partial-64m-4k", "multilevel-64g-4k", "fresh-64g-4k", "hydrated-then-written"] {
+    for name in [
+        "partial-64m-4k",
+        "multilevel-64g-4k",
+        "fresh-64g-4k",
+        "hydrated-then-written",
+    ] {
         let dev = MemDevice::from_bytes(fixture_bytes(name));
         let mut md = CloneMetadata::open_dev(Box::new(dev.clone()), None).unwrap();
         let n = md.nr_regions();
@@ -77,7 +104,11 @@ fn continue_kernel_metadata() {
         let used = md.used_blocks();
         let stats = md.commit().unwrap();
         assert!(stats.blocks_written > 0 || md.hydrated_count() == n);
-        assert_eq!(md.used_blocks(), used, "{name}: steady state keeps used blocks");
+        assert_eq!(
+            md.used_blocks(),
+            used,
+            "{name}: steady state keeps used blocks"
+        );
         let report = check_image(&dev.snapshot()).unwrap();
         assert!(report.is_consistent(), "{name}: {report}");
         let md2 = CloneMetadata::open_dev(Box::new(dev.clone()), None).unwrap();

@@ -10,7 +10,14 @@ use rand::{Rng, SeedableRng};
 use vhost_clone::metadata::{check_image, CloneMetadata};
 use vhost_clone::pdata::MemDevice;
 
-fn run_model(dev_blocks: u64, region: u64, target: u64, commits: usize, per_commit: usize, seed: u64) {
+fn run_model(
+    dev_blocks: u64,
+    region: u64,
+    target: u64,
+    commits: usize,
+    per_commit: usize,
+    seed: u64,
+) {
     let dev = MemDevice::zeroed(dev_blocks);
     let mut md = CloneMetadata::format_dev(Box::new(dev.clone()), region, target).unwrap();
     let n = md.nr_regions();
@@ -19,7 +26,11 @@ fn run_model(dev_blocks: u64, region: u64, target: u64, commits: usize, per_comm
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for _ in 0..commits {
         for _ in 0..per_commit {
-            let r = if rng.gen_bool(0.2) { n - 1 - rng.gen_range(0..n.min(100)) } else { rng.gen_range(0..n) };
+            let r = if rng.gen_bool(0.2) {
+                n - 1 - rng.gen_range(0..n.min(100))
+            } else {
+                rng.gen_range(0..n)
+            };
             md.set_region(r).unwrap();
             model.insert(r);
         }
@@ -37,7 +48,9 @@ fn run_model(dev_blocks: u64, region: u64, target: u64, commits: usize, per_comm
         let report = check_image(&dev.snapshot()).unwrap();
         assert!(report.is_consistent(), "{report}");
         let re = CloneMetadata::open_dev(Box::new(dev.clone()), Some((region, target))).unwrap();
-        let got: BTreeSet<u64> = (0..n).filter(|r| re.words()[(r / 64) as usize] & (1 << (r % 64)) != 0).collect();
+        let got: BTreeSet<u64> = (0..n)
+            .filter(|r| re.words()[(r / 64) as usize] & (1 << (r % 64)) != 0)
+            .collect();
         assert_eq!(got, model);
         assert_eq!(re.hydrated_count(), model.len() as u64);
         md = re;
@@ -65,7 +78,10 @@ fn commit_writes_few_blocks() {
             md.set_region(i * 64 * 509 * 3 % md.nr_regions()).unwrap();
         }
         let s = md.commit().unwrap();
-        println!("k={k} dirty regions -> {s:?} (btree depth {})", md.btree_depth());
+        println!(
+            "k={k} dirty regions -> {s:?} (btree depth {})",
+            md.btree_depth()
+        );
         // array blocks + path nodes + bitmaps + index + superblock
         assert!(s.blocks_written <= s.array_blocks * 2 + 2 + 2 + 3 + 1);
     }
@@ -79,7 +95,12 @@ fn open_1tib_4k_regions() {
     let dev = MemDevice::zeroed(16384);
     let t = std::time::Instant::now();
     let md = CloneMetadata::format_dev(Box::new(dev.clone()), 8, 2_147_483_648).unwrap();
-    println!("format 1 TiB/4 KiB: {:?}, used {} blocks, depth {}", t.elapsed(), md.used_blocks(), md.btree_depth());
+    println!(
+        "format 1 TiB/4 KiB: {:?}, used {} blocks, depth {}",
+        t.elapsed(),
+        md.used_blocks(),
+        md.btree_depth()
+    );
     let t = std::time::Instant::now();
     let md = CloneMetadata::open_dev(Box::new(dev), None).unwrap();
     println!("open 1 TiB/4 KiB (in memory): {:?}", t.elapsed());

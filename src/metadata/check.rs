@@ -31,7 +31,11 @@ impl std::fmt::Display for CheckReport {
         writeln!(
             f,
             "metadata blocks: {} allocated of {}, {} reachable; regions: {}/{} hydrated",
-            self.nr_allocated, self.nr_blocks, self.reachable_blocks, self.hydrated, self.nr_regions
+            self.nr_allocated,
+            self.nr_blocks,
+            self.reachable_blocks,
+            self.hydrated,
+            self.nr_regions
         )?;
         if self.problems.is_empty() {
             write!(f, "consistent")
@@ -56,13 +60,18 @@ pub fn check_device(dev: &dyn MetaDevice) -> Result<CheckReport, MetadataError> 
         let e = refs.entry(*b).or_insert((0, *kind));
         e.0 += 1;
         if e.0 == 2 {
-            problems.push(format!("block {b} ({kind}) is referenced more than once (also as {})", e.1));
+            problems.push(format!(
+                "block {b} ({kind}) is referenced more than once (also as {})",
+                e.1
+            ));
         }
     }
     for (b, (_, kind)) in &refs {
         let c = l.sm.count(*b);
         if c != 1 {
-            problems.push(format!("block {b} ({kind}) has space-map count {c}, expected 1"));
+            problems.push(format!(
+                "block {b} ({kind}) has space-map count {c}, expected 1"
+            ));
         }
     }
     let entries = l.sm.entries();
@@ -71,7 +80,10 @@ pub fn check_device(dev: &dyn MetaDevice) -> Result<CheckReport, MetadataError> 
         if *v != 0 && !refs.contains_key(&(b as u64)) {
             leaked += 1;
             if leaked <= 20 {
-                problems.push(format!("block {b} has space-map count {} but is not reachable (leaked)", l.sm.count(b as u64)));
+                problems.push(format!(
+                    "block {b} has space-map count {} but is not reachable (leaked)",
+                    l.sm.count(b as u64)
+                ));
             }
         }
     }
@@ -107,16 +119,30 @@ pub fn check_device(dev: &dyn MetaDevice) -> Result<CheckReport, MetadataError> 
         }
     }
     let nb = nr_bitmaps(l.sm.nr_blocks()) as usize;
-    if l.sm.all_index_entries().iter().skip(nb).any(|e| e.blocknr != 0 || e.nr_free != 0 || e.none_free_before != 0) {
-        problems.push(format!("index entries beyond the {nb} live bitmap(s) are not zero"));
+    if l.sm
+        .all_index_entries()
+        .iter()
+        .skip(nb)
+        .any(|e| e.blocknr != 0 || e.nr_free != 0 || e.none_free_before != 0)
+    {
+        problems.push(format!(
+            "index entries beyond the {nb} live bitmap(s) are not zero"
+        ));
     }
     for (b, c) in l.sm.overflow_entries() {
-        problems.push(format!("overflow ref-count entry for block {b} (count {c}): dm-clone never shares blocks"));
+        problems.push(format!(
+            "overflow ref-count entry for block {b} (count {c}): dm-clone never shares blocks"
+        ));
     }
     if l.stray_bits {
-        problems.push(format!("bits at or beyond nr_regions {} are set in the bitset", l.geo.nr_regions));
+        problems.push(format!(
+            "bits at or beyond nr_regions {} are set in the bitset",
+            l.geo.nr_regions
+        ));
     }
-    if l.array_blocks.len() as u64 != l.geo.nr_array_blocks || l.words.len() as u64 != l.geo.nr_words {
+    if l.array_blocks.len() as u64 != l.geo.nr_array_blocks
+        || l.words.len() as u64 != l.geo.nr_words
+    {
         problems.push(format!(
             "bitset array has {} blocks / {} words, expected {} / {}",
             l.array_blocks.len(),
@@ -126,7 +152,13 @@ pub fn check_device(dev: &dyn MetaDevice) -> Result<CheckReport, MetadataError> 
         ));
     }
     let nr_words = usize::try_from(l.geo.nr_words).unwrap_or(usize::MAX);
-    let hydrated = l.words.get(..nr_words).unwrap_or(&[]).iter().map(|w| u64::from(w.count_ones())).sum();
+    let hydrated = l
+        .words
+        .get(..nr_words)
+        .unwrap_or(&[])
+        .iter()
+        .map(|w| u64::from(w.count_ones()))
+        .sum();
     Ok(CheckReport {
         problems,
         nr_blocks: l.sm.nr_blocks(),

@@ -71,7 +71,11 @@ fn nodes_needed(array_blocks: u64) -> u64 {
 
 impl CloneMetadata {
     /// Kernel decision: block 0 all zero -> format; else open and validate against these sizes.
-    pub fn open_or_format(path: &Path, region_size: u64, target_size: u64) -> Result<Self, MetadataError> {
+    pub fn open_or_format(
+        path: &Path,
+        region_size: u64,
+        target_size: u64,
+    ) -> Result<Self, MetadataError> {
         let dev = FileDevice::open(path, true).map_err(step("open metadata device"))?;
         Self::open_or_format_dev(Box::new(dev), region_size, target_size)
     }
@@ -102,7 +106,10 @@ impl CloneMetadata {
     }
 
     /// [`CloneMetadata::open`] over any device: validates every block of the bitset and space map.
-    pub fn open_dev(dev: Box<dyn MetaDevice>, expect: Option<(u64, u64)>) -> Result<Self, MetadataError> {
+    pub fn open_dev(
+        dev: Box<dyn MetaDevice>,
+        expect: Option<(u64, u64)>,
+    ) -> Result<Self, MetadataError> {
         let l = load(&*dev, expect)?;
         let nr_words = usize::try_from(l.geo.nr_words).unwrap_or(usize::MAX);
         let hydrated = l
@@ -129,7 +136,11 @@ impl CloneMetadata {
     /// [`CloneMetadata::format`] over any device. For at most 252 array blocks the result is
     /// byte-identical to the kernel's format (spec §4.2); beyond that the btree is built
     /// bottom-up with balanced leaves.
-    pub fn format_dev(mut dev: Box<dyn MetaDevice>, region_size: u64, target_size: u64) -> Result<Self, MetadataError> {
+    pub fn format_dev(
+        mut dev: Box<dyn MetaDevice>,
+        region_size: u64,
+        target_size: u64,
+    ) -> Result<Self, MetadataError> {
         if !block0_is_zero(&*dev)? {
             return Err(MetadataError::NotZero);
         }
@@ -146,9 +157,13 @@ impl CloneMetadata {
         sm.inc(0).map_err(&s)?;
         let index = sm.alloc().map_err(&s)?;
         let overflow = sm.alloc().map_err(&s)?;
-        let bitmaps = (0..nb).map(|_| sm.alloc()).collect::<Result<Vec<_>, _>>().map_err(&s)?;
+        let bitmaps = (0..nb)
+            .map(|_| sm.alloc())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(&s)?;
         sm.set_locations(index, overflow, &bitmaps);
-        let mut writes: Vec<(u64, Box<Block>)> = vec![(overflow, Node::new_leaf(overflow, 4).pack())];
+        let mut writes: Vec<(u64, Box<Block>)> =
+            vec![(overflow, Node::new_leaf(overflow, 4).pack())];
         let per = u64::from(ARRAY_ENTRIES_U64);
         let zeros = [0u64; ARRAY_ENTRIES_U64 as usize];
         let last_nr = geo.nr_words - per * (a.saturating_sub(1));
@@ -230,7 +245,11 @@ impl CloneMetadata {
     }
 
     fn word(&self, w: u64) -> u64 {
-        usize::try_from(w).ok().and_then(|i| self.words.get(i)).copied().unwrap_or(0)
+        usize::try_from(w)
+            .ok()
+            .and_then(|i| self.words.get(i))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Replaces word `w`; bits beyond nr_regions are masked off.
@@ -247,7 +266,8 @@ impl CloneMetadata {
         mask_tail(&mut v, self.geo.nr_regions.saturating_sub(w * 64));
         let new = v[0];
         if *slot != new {
-            self.hydrated = self.hydrated + u64::from(new.count_ones()) - u64::from(slot.count_ones());
+            self.hydrated =
+                self.hydrated + u64::from(new.count_ones()) - u64::from(slot.count_ones());
             *slot = new;
             self.dirty.insert(w / u64::from(ARRAY_ENTRIES_U64));
         }
@@ -302,13 +322,12 @@ impl CloneMetadata {
         let mut writes: Vec<(u64, Box<Block>)> = Vec::new();
         let mut dirty_nodes: BTreeSet<(std::cmp::Reverse<usize>, usize)> = BTreeSet::new();
         for j in std::mem::take(&mut self.dirty) {
-            let path = self
-                .tree
-                .path(j)
-                .ok_or_else(|| MetadataError::Array(format!("array block {j} missing from the btree")))?;
-            let &(leaf, slot) = path
-                .last()
-                .ok_or_else(|| MetadataError::Array(format!("empty btree path for array block {j}")))?;
+            let path = self.tree.path(j).ok_or_else(|| {
+                MetadataError::Array(format!("array block {j} missing from the btree"))
+            })?;
+            let &(leaf, slot) = path.last().ok_or_else(|| {
+                MetadataError::Array(format!("empty btree path for array block {j}"))
+            })?;
             let tn = self
                 .tree
                 .nodes
@@ -324,8 +343,15 @@ impl CloneMetadata {
             self.sm.dec(old).map_err(&s)?;
             *value = new;
             let start = usize::try_from(j * per).unwrap_or(usize::MAX);
-            let nr = self.array_nr.get(usize::try_from(j).unwrap_or(usize::MAX)).copied().unwrap_or(0) as usize;
-            let words = self.words.get(start..start.saturating_add(nr)).unwrap_or(&[]);
+            let nr = self
+                .array_nr
+                .get(usize::try_from(j).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0) as usize;
+            let words = self
+                .words
+                .get(start..start.saturating_add(nr))
+                .unwrap_or(&[]);
             writes.push((new, pack_u64(new, words)));
             for (ni, _) in path {
                 let depth = self.tree.nodes.get(ni).map(|t| t.depth).unwrap_or(0);
@@ -341,7 +367,12 @@ impl CloneMetadata {
             };
             self.sm.dec(old).map_err(&s)?;
             if let Some((p, slot)) = parent {
-                if let Some(v) = self.tree.nodes.get_mut(p).and_then(|t| t.node.values.get_mut(slot)) {
+                if let Some(v) = self
+                    .tree
+                    .nodes
+                    .get_mut(p)
+                    .and_then(|t| t.node.values.get_mut(slot))
+                {
                     *v = new;
                 }
             }

@@ -45,7 +45,9 @@ impl Geometry {
 
     /// Geometry for a new format: also requires a power-of-two region size in 8..=2097152.
     pub fn for_format(region_size: u64, target_size: u64) -> Result<Self, MetadataError> {
-        if !region_size.is_power_of_two() || !(MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&region_size) {
+        if !region_size.is_power_of_two()
+            || !(MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&region_size)
+        {
             return Err(MetadataError::Geometry(format!(
                 "region size {region_size} sectors must be a power of two between {MIN_REGION_SIZE} and {MAX_REGION_SIZE}"
             )));

@@ -33,16 +33,21 @@ pub(crate) fn block0_is_zero(dev: &dyn MetaDevice) -> Result<bool, MetadataError
         return Err(MetadataError::DeviceTooSmall { have: 0, need: 1 });
     }
     let mut blk: Block = [0; BLOCK_SIZE];
-    dev.read_block(0, &mut blk).map_err(step("read superblock"))?;
+    dev.read_block(0, &mut blk)
+        .map_err(step("read superblock"))?;
     Ok(blk.iter().all(|b| *b == 0))
 }
 
-pub(crate) fn load(dev: &dyn MetaDevice, expect: Option<(u64, u64)>) -> Result<Loaded, MetadataError> {
+pub(crate) fn load(
+    dev: &dyn MetaDevice,
+    expect: Option<(u64, u64)>,
+) -> Result<Loaded, MetadataError> {
     if block0_is_zero(dev)? {
         return Err(MetadataError::Unformatted);
     }
     let mut blk: Block = [0; BLOCK_SIZE];
-    dev.read_block(0, &mut blk).map_err(step("read superblock"))?;
+    dev.read_block(0, &mut blk)
+        .map_err(step("read superblock"))?;
     let sb = Superblock::unpack(&blk)?;
     if let Some((region, target)) = expect {
         if region != sb.region_size || target != sb.target_size {
@@ -64,7 +69,8 @@ pub(crate) fn load(dev: &dyn MetaDevice, expect: Option<(u64, u64)>) -> Result<L
             nr_blocks,
         }));
     }
-    let tree = LoadedTree::load(dev, sb.bitset_root, 8, nr_blocks).map_err(step("load region bitset btree"))?;
+    let tree = LoadedTree::load(dev, sb.bitset_root, 8, nr_blocks)
+        .map_err(step("load region bitset btree"))?;
     let entries = tree.leaf_entries();
     if entries.len() as u64 > nr_blocks {
         return Err(MetadataError::Array(format!(
@@ -87,7 +93,9 @@ pub(crate) fn load(dev: &dyn MetaDevice, expect: Option<(u64, u64)>) -> Result<L
         }
     }
     let per = u64::from(ARRAY_ENTRIES_U64);
-    let max_bits = (entries.len() as u64).saturating_mul(per).saturating_mul(64);
+    let max_bits = (entries.len() as u64)
+        .saturating_mul(per)
+        .saturating_mul(64);
     if max_bits < geo.nr_regions {
         return Err(MetadataError::BitsetTooShort {
             found: max_bits,
@@ -106,10 +114,12 @@ pub(crate) fn load(dev: &dyn MetaDevice, expect: Option<(u64, u64)>) -> Result<L
             n += 1;
         }
         bufs.resize(n, [0; BLOCK_SIZE]);
-        dev.read_run(start, &mut bufs).map_err(step("read bitset array blocks"))?;
+        dev.read_run(start, &mut bufs)
+            .map_err(step("read bitset array blocks"))?;
         for (j, buf) in bufs.iter().enumerate() {
             let loc = start + j as u64;
-            let nr = unpack_u64_into(buf, loc, &mut words).map_err(step("read bitset array blocks"))?;
+            let nr =
+                unpack_u64_into(buf, loc, &mut words).map_err(step("read bitset array blocks"))?;
             array_nr.push(nr);
         }
         i += n;
@@ -148,7 +158,11 @@ pub(crate) fn mask_tail(words: &mut [u64], nr_regions: u64) -> bool {
     let first = usize::try_from(nr_regions / 64).unwrap_or(usize::MAX);
     for (i, w) in words.iter_mut().enumerate().skip(first) {
         let valid = nr_regions.saturating_sub(i as u64 * 64);
-        let mask = if valid >= 64 { u64::MAX } else { (1u64 << valid) - 1 };
+        let mask = if valid >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << valid) - 1
+        };
         if *w & !mask != 0 {
             stray = true;
             *w &= mask;
@@ -163,7 +177,11 @@ impl Loaded {
         let mut v = vec![(0, BlockKind::Superblock)];
         v.extend(self.sm.owned_blocks());
         v.extend(self.tree.node_blocks().map(|b| (b, BlockKind::BtreeNode)));
-        v.extend(self.array_blocks.iter().map(|b| (*b, BlockKind::ArrayBlock)));
+        v.extend(
+            self.array_blocks
+                .iter()
+                .map(|b| (*b, BlockKind::ArrayBlock)),
+        );
         v
     }
 }

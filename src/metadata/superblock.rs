@@ -61,7 +61,9 @@ impl Superblock {
         if version != METADATA_VERSION {
             return Err(MetadataError::BadVersion(version));
         }
-        let blob = blk.get(OFF_SM_ROOT..OFF_SM_ROOT + SM_ROOT_BLOB_SIZE).unwrap_or(&[]);
+        let blob = blk
+            .get(OFF_SM_ROOT..OFF_SM_ROOT + SM_ROOT_BLOB_SIZE)
+            .unwrap_or(&[]);
         Ok(Superblock {
             flags: le_u32(blk, 4),
             magic,

@@ -10,7 +10,11 @@ use super::load::load;
 use crate::pdata::{FileDevice, MemDevice};
 
 /// Formats `path` (block 0 must be zero) and returns a short report.
-pub fn format_cmd(path: &Path, region_size: u64, target_size: u64) -> Result<String, MetadataError> {
+pub fn format_cmd(
+    path: &Path,
+    region_size: u64,
+    target_size: u64,
+) -> Result<String, MetadataError> {
     let md = CloneMetadata::format(path, region_size, target_size)?;
     Ok(format!(
         "formatted {}: region_size {} sectors, target_size {} sectors, {} regions, {}/{} metadata blocks used",
@@ -108,21 +112,34 @@ pub fn dump_cmd(path: &Path, json: bool) -> Result<String, MetadataError> {
         ranges: ranges_string(words, l.geo.nr_regions),
     };
     if json {
-        return serde_json::to_string_pretty(&d).map_err(|e| MetadataError::Array(format!("json: {e}")));
+        return serde_json::to_string_pretty(&d)
+            .map_err(|e| MetadataError::Array(format!("json: {e}")));
     }
     let sb = d.superblock;
     let mut s = String::new();
-    let _ = writeln!(s, "superblock: magic {:#x} version {} flags {}", sb.magic, sb.version, sb.flags);
+    let _ = writeln!(
+        s,
+        "superblock: magic {:#x} version {} flags {}",
+        sb.magic, sb.version, sb.flags
+    );
     let _ = writeln!(s, "region_size: {} sectors", sb.region_size);
     let _ = writeln!(s, "target_size: {} sectors", sb.target_size);
-    let _ = writeln!(s, "bitset_root: {} (btree depth {}, {} array blocks)", sb.bitset_root, d.bitset_btree_depth, d.array_blocks);
+    let _ = writeln!(
+        s,
+        "bitset_root: {} (btree depth {}, {} array blocks)",
+        sb.bitset_root, d.bitset_btree_depth, d.array_blocks
+    );
     let _ = writeln!(
         s,
         "space map: nr_blocks {} nr_allocated {} free {} index {} overflow root {}",
         d.nr_blocks, d.nr_allocated, d.free, sb.sm_root.bitmap_root, sb.sm_root.ref_count_root
     );
     for (i, e) in d.index.iter().enumerate() {
-        let _ = writeln!(s, "  bitmap {i}: block {} nr_free {} none_free_before {}", e.blocknr, e.nr_free, e.none_free_before);
+        let _ = writeln!(
+            s,
+            "  bitmap {i}: block {} nr_free {} none_free_before {}",
+            e.blocknr, e.nr_free, e.none_free_before
+        );
     }
     let _ = writeln!(s, "nr_regions: {}", d.nr_regions);
     let _ = writeln!(s, "hydrated: {}", d.hydrated);

@@ -26,7 +26,11 @@ pub fn unpack_u64_into(blk: &Block, loc: u64, out: &mut Vec<u64>) -> Result<u32,
         ));
     }
     if nr > max {
-        return Err(PdataError::corrupt(kind, loc, format!("nr_entries {nr} > max_entries {max}")));
+        return Err(PdataError::corrupt(
+            kind,
+            loc,
+            format!("nr_entries {nr} > max_entries {max}"),
+        ));
     }
     out.extend((0..nr as usize).map(|i| le_u64(blk, ARRAY_HEADER_SIZE + 8 * i)));
     Ok(nr)

@@ -99,10 +99,22 @@ mod tests {
     #[test]
     fn zero_body_vectors() {
         let blk = [0u8; 4096];
-        assert_eq!(block_checksum(&blk, BlockKind::Superblock.salt()), 0x5796_CCC5);
-        assert_eq!(block_checksum(&blk, BlockKind::BtreeNode.salt()), 0x58CC_7E82);
+        assert_eq!(
+            block_checksum(&blk, BlockKind::Superblock.salt()),
+            0x5796_CCC5
+        );
+        assert_eq!(
+            block_checksum(&blk, BlockKind::BtreeNode.salt()),
+            0x58CC_7E82
+        );
         assert_eq!(block_checksum(&blk, BlockKind::SmIndex.salt()), 0x58CF_D54F);
-        assert_eq!(block_checksum(&blk, BlockKind::SmBitmap.salt()), 0x58CE_0B1A);
-        assert_eq!(block_checksum(&blk, BlockKind::ArrayBlock.salt()), 0x7B4E_41DE);
+        assert_eq!(
+            block_checksum(&blk, BlockKind::SmBitmap.salt()),
+            0x58CE_0B1A
+        );
+        assert_eq!(
+            block_checksum(&blk, BlockKind::ArrayBlock.salt()),
+            0x7B4E_41DE
+        );
     }
 }

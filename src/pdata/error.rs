@@ -14,7 +14,9 @@ pub enum PdataError {
         source: std::io::Error,
     },
     /// A block's stored checksum does not match its contents.
-    #[error("{kind} block {block}: bad checksum (stored {stored:#010x}, computed {computed:#010x})")]
+    #[error(
+        "{kind} block {block}: bad checksum (stored {stored:#010x}, computed {computed:#010x})"
+    )]
     Checksum {
         kind: BlockKind,
         block: u64,
@@ -23,7 +25,11 @@ pub enum PdataError {
     },
     /// A block's self-location field names another block.
     #[error("{kind} block {block}: self-location field says block {found}")]
-    SelfLocation { kind: BlockKind, block: u64, found: u64 },
+    SelfLocation {
+        kind: BlockKind,
+        block: u64,
+        found: u64,
+    },
     /// A block is well formed but its contents break a format rule.
     #[error("{kind} block {block}: {reason}")]
     Corrupt {
@@ -39,7 +45,9 @@ pub enum PdataError {
         nr_blocks: u64,
     },
     /// No free block is left for a new copy-on-write block.
-    #[error("space map: no free metadata block left among {nr_blocks}; the metadata device is full")]
+    #[error(
+        "space map: no free metadata block left among {nr_blocks}; the metadata device is full"
+    )]
     NoSpace { nr_blocks: u64 },
     /// The space map is inconsistent with an operation (e.g. freeing a free block).
     #[error("space map: {0}")]

@@ -60,35 +60,65 @@ impl Node {
         let max = le_u32(blk, 20);
         let vs = le_u32(blk, 24);
         if flags & (INTERNAL_NODE | LEAF_NODE) == 0 {
-            return Err(PdataError::corrupt(kind, loc, format!("flags {flags:#x} name neither internal nor leaf")));
+            return Err(PdataError::corrupt(
+                kind,
+                loc,
+                format!("flags {flags:#x} name neither internal nor leaf"),
+            ));
         }
         let leaf = flags & INTERNAL_NODE == 0;
         if vs != 4 && vs != 8 {
-            return Err(PdataError::corrupt(kind, loc, format!("unsupported value_size {vs}")));
+            return Err(PdataError::corrupt(
+                kind,
+                loc,
+                format!("unsupported value_size {vs}"),
+            ));
         }
         if !leaf && vs != 8 {
-            return Err(PdataError::corrupt(kind, loc, format!("internal node with value_size {vs}")));
+            return Err(PdataError::corrupt(
+                kind,
+                loc,
+                format!("internal node with value_size {vs}"),
+            ));
         }
         let need = u64::from(max)
             .checked_mul(8 + u64::from(vs))
             .and_then(|x| x.checked_add(NODE_HEADER_SIZE as u64));
         if need.is_none_or(|n| n > BLOCK_SIZE as u64) {
-            return Err(PdataError::corrupt(kind, loc, format!("max_entries {max} too large for value_size {vs}")));
+            return Err(PdataError::corrupt(
+                kind,
+                loc,
+                format!("max_entries {max} too large for value_size {vs}"),
+            ));
         }
         if nr > max {
-            return Err(PdataError::corrupt(kind, loc, format!("nr_entries {nr} > max_entries {max}")));
+            return Err(PdataError::corrupt(
+                kind,
+                loc,
+                format!("nr_entries {nr} > max_entries {max}"),
+            ));
         }
         let nr = nr as usize;
         let vbase = NODE_HEADER_SIZE + 8 * max as usize;
-        let keys: Vec<u64> = (0..nr).map(|i| le_u64(blk, NODE_HEADER_SIZE + 8 * i)).collect();
+        let keys: Vec<u64> = (0..nr)
+            .map(|i| le_u64(blk, NODE_HEADER_SIZE + 8 * i))
+            .collect();
         let values: Vec<u64> = (0..nr)
             .map(|i| {
                 let off = vbase + vs as usize * i;
-                if vs == 8 { le_u64(blk, off) } else { u64::from(le_u32(blk, off)) }
+                if vs == 8 {
+                    le_u64(blk, off)
+                } else {
+                    u64::from(le_u32(blk, off))
+                }
             })
             .collect();
         if keys.windows(2).any(|w| matches!(w, [a, b] if a >= b)) {
-            return Err(PdataError::corrupt(kind, loc, "keys not strictly increasing"));
+            return Err(PdataError::corrupt(
+                kind,
+                loc,
+                "keys not strictly increasing",
+            ));
         }
         Ok(Node {
             blocknr: loc,
@@ -104,8 +134,16 @@ impl Node {
     /// written (callers never create them).
     pub fn pack(&self) -> Box<Block> {
         let mut blk: Box<Block> = Box::new([0; BLOCK_SIZE]);
-        let n = self.keys.len().min(self.values.len()).min(self.max_entries as usize);
-        put_u32(&mut blk[..], 4, if self.leaf { LEAF_NODE } else { INTERNAL_NODE });
+        let n = self
+            .keys
+            .len()
+            .min(self.values.len())
+            .min(self.max_entries as usize);
+        put_u32(
+            &mut blk[..],
+            4,
+            if self.leaf { LEAF_NODE } else { INTERNAL_NODE },
+        );
         put_u64(&mut blk[..], 8, self.blocknr);
         put_u32(&mut blk[..], 16, n as u32);
         put_u32(&mut blk[..], 20, self.max_entries);

@@ -47,7 +47,11 @@ impl Loader<'_> {
     ) -> Result<usize, PdataError> {
         let kind = BlockKind::BtreeNode;
         if depth >= MAX_DEPTH {
-            return Err(PdataError::corrupt(kind, b, format!("btree deeper than {MAX_DEPTH}")));
+            return Err(PdataError::corrupt(
+                kind,
+                b,
+                format!("btree deeper than {MAX_DEPTH}"),
+            ));
         }
         if b >= self.nr_blocks {
             return Err(PdataError::OutOfRange {
@@ -57,7 +61,11 @@ impl Loader<'_> {
             });
         }
         if !self.visited.insert(b) {
-            return Err(PdataError::corrupt(kind, b, "node referenced twice (shared or cyclic btree)"));
+            return Err(PdataError::corrupt(
+                kind,
+                b,
+                "node referenced twice (shared or cyclic btree)",
+            ));
         }
         let mut blk = [0u8; BLOCK_SIZE];
         self.dev.read_block(b, &mut blk)?;
@@ -66,14 +74,21 @@ impl Loader<'_> {
             return Err(PdataError::corrupt(
                 kind,
                 b,
-                format!("leaf value_size {} (expected {})", node.value_size, self.leaf_vs),
+                format!(
+                    "leaf value_size {} (expected {})",
+                    node.value_size, self.leaf_vs
+                ),
             ));
         }
         if parent.is_some() {
             match (node.keys.first(), node.keys.last()) {
                 (Some(first), Some(last)) => {
                     if *first < lo || hi.is_some_and(|h| *last >= h) {
-                        return Err(PdataError::corrupt(kind, b, "keys outside the range given by the parent node"));
+                        return Err(PdataError::corrupt(
+                            kind,
+                            b,
+                            "keys outside the range given by the parent node",
+                        ));
                     }
                 }
                 _ => return Err(PdataError::corrupt(kind, b, "empty non-root node")),
@@ -105,7 +120,12 @@ impl Loader<'_> {
 impl LoadedTree {
     /// Reads and validates every node of the tree rooted at `root`. `leaf_vs` is the expected
     /// leaf value size; every pointer must be below `nr_blocks`; no node may be reached twice.
-    pub fn load(dev: &dyn MetaDevice, root: u64, leaf_vs: u32, nr_blocks: u64) -> Result<Self, PdataError> {
+    pub fn load(
+        dev: &dyn MetaDevice,
+        root: u64,
+        leaf_vs: u32,
+        nr_blocks: u64,
+    ) -> Result<Self, PdataError> {
         let mut l = Loader {
             dev,
             leaf_vs,
@@ -122,9 +142,17 @@ impl LoadedTree {
         let mut out = Vec::new();
         let mut stack = vec![0usize];
         while let Some(i) = stack.pop() {
-            let Some(tn) = self.nodes.get(i) else { continue };
+            let Some(tn) = self.nodes.get(i) else {
+                continue;
+            };
             if tn.node.leaf {
-                out.extend(tn.node.keys.iter().copied().zip(tn.node.values.iter().copied()));
+                out.extend(
+                    tn.node
+                        .keys
+                        .iter()
+                        .copied()
+                        .zip(tn.node.values.iter().copied()),
+                );
             } else {
                 stack.extend(tn.children.iter().rev());
             }

@@ -112,7 +112,12 @@ impl SpaceMap {
         dev.read_block(root.bitmap_root, &mut blk)?;
         sm.index = unpack_index(&blk, root.bitmap_root)?;
         let nb = nr_bitmaps(root.nr_blocks) as usize;
-        for (i, chunk) in sm.committed.chunks_mut(ENTRIES_PER_BITMAP as usize).enumerate().take(nb) {
+        for (i, chunk) in sm
+            .committed
+            .chunks_mut(ENTRIES_PER_BITMAP as usize)
+            .enumerate()
+            .take(nb)
+        {
             let loc = sm.index.get(i).map(|e| e.blocknr).unwrap_or(0);
             if loc >= root.nr_blocks {
                 return Err(oob("space-map bitmap pointer", loc));
@@ -180,7 +185,11 @@ impl SpaceMap {
 
     /// Reference count of block `b` (0 beyond the map).
     pub fn count(&self, b: u64) -> u32 {
-        let v = usize::try_from(b).ok().and_then(|i| self.current.get(i)).copied().unwrap_or(0);
+        let v = usize::try_from(b)
+            .ok()
+            .and_then(|i| self.current.get(i))
+            .copied()
+            .unwrap_or(0);
         if v == 3 {
             self.overflow.get(&b).copied().unwrap_or(3)
         } else {
@@ -227,7 +236,9 @@ impl SpaceMap {
     /// Decrements the count of `b`.
     pub fn dec(&mut self, b: u64) -> Result<(), PdataError> {
         match self.current.get(self.slot(b)?).copied().unwrap_or(0) {
-            0 => Err(PdataError::SpaceMap(format!("freeing block {b}, which is already free"))),
+            0 => Err(PdataError::SpaceMap(format!(
+                "freeing block {b}, which is already free"
+            ))),
             3 => Err(PdataError::Unsupported(format!(
                 "lowering the overflow reference count of block {b}"
             ))),
@@ -239,9 +250,8 @@ impl SpaceMap {
     pub fn alloc(&mut self) -> Result<u64, PdataError> {
         let n = self.current.len();
         let start = usize::try_from(self.cursor).unwrap_or(0).min(n);
-        let free = |i: &usize| {
-            self.current.get(*i) == Some(&0) && self.committed.get(*i) == Some(&0)
-        };
+        let free =
+            |i: &usize| self.current.get(*i) == Some(&0) && self.committed.get(*i) == Some(&0);
         let found = (start..n).find(free).or_else(|| (0..start).find(free));
         let i = found.ok_or(PdataError::NoSpace {
             nr_blocks: self.nr_blocks,
@@ -261,7 +271,10 @@ impl SpaceMap {
     /// Shadows the changed bitmaps and the index, appends their new contents to `writes`, and
     /// returns the root to store in the superblock. Call [`SpaceMap::finish_commit`] once the
     /// superblock is durable.
-    pub fn prepare_commit(&mut self, writes: &mut Vec<(u64, Box<Block>)>) -> Result<SmRoot, PdataError> {
+    pub fn prepare_commit(
+        &mut self,
+        writes: &mut Vec<(u64, Box<Block>)>,
+    ) -> Result<SmRoot, PdataError> {
         let index_loc = if self.is_new(self.bitmap_root) {
             self.bitmap_root
         } else {
@@ -324,7 +337,12 @@ impl SpaceMap {
     /// Makes the current counts the committed ones after the superblock naming `root` is durable.
     pub fn finish_commit(&mut self, root: &SmRoot) {
         for b in std::mem::take(&mut self.changed) {
-            if let (Ok(i), Some(v)) = (self.slot(b), usize::try_from(b).ok().and_then(|i| self.current.get(i).copied())) {
+            if let (Ok(i), Some(v)) = (
+                self.slot(b),
+                usize::try_from(b)
+                    .ok()
+                    .and_then(|i| self.current.get(i).copied()),
+            ) {
                 if let Some(c) = self.committed.get_mut(i) {
                     *c = v;
                 }
@@ -338,8 +356,16 @@ impl SpaceMap {
     /// Kind of the structure blocks owned by the space map, for reachability checks.
     pub fn owned_blocks(&self) -> Vec<(u64, BlockKind)> {
         let mut v = vec![(self.bitmap_root, BlockKind::SmIndex)];
-        v.extend(self.index_entries().iter().map(|e| (e.blocknr, BlockKind::SmBitmap)));
-        v.extend(self.overflow_nodes.iter().map(|b| (*b, BlockKind::BtreeNode)));
+        v.extend(
+            self.index_entries()
+                .iter()
+                .map(|e| (e.blocknr, BlockKind::SmBitmap)),
+        );
+        v.extend(
+            self.overflow_nodes
+                .iter()
+                .map(|b| (*b, BlockKind::BtreeNode)),
+        );
         v
     }
 }
