@@ -42,7 +42,10 @@ impl Daemon {
             .arg("--table")
             .arg(table)
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn vhost-clone");
@@ -56,7 +59,10 @@ impl Daemon {
             if let Ok(Some(status)) = d.child.try_wait() {
                 panic!("vhost-clone exited early: {status}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "daemon did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         d
