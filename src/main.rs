@@ -220,7 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }) => println!("{}", mdtool::format_cmd(&meta, region_size, target_size)?),
         Command::Metadata(MetadataCommand::Check { meta }) => {
             let report = mdtool::check_cmd(&meta)?;
-            print!("{report}");
+            println!("{}", report.to_string().trim_end());
             return Ok(report.problems.is_empty());
         }
         Command::Metadata(MetadataCommand::Dump { meta, json }) => {
