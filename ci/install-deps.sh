@@ -120,11 +120,18 @@ if [ ! -f "$KIMAGE_DIR/boot/vmlinuz-$KVER" ]; then
         mkdir -p "$KIMAGE_DIR.tmp/lib"
         mv "$KIMAGE_DIR.tmp/usr/lib/modules" "$KIMAGE_DIR.tmp/lib/modules"
     fi
+    # the package ships no modules.dep (its postinst runs depmod): build it here
+    depmod -b "$KIMAGE_DIR.tmp" "$KVER"
     # vmlinuz is 0600 in the package; make it readable for non-root test runs
     chmod 0644 "$KIMAGE_DIR.tmp/boot/vmlinuz-$KVER"
     rm -rf "$KIMAGE_DIR"
     mv "$KIMAGE_DIR.tmp" "$KIMAGE_DIR"
     rm -rf "$tmp"
+fi
+
+if [ ! -f "$KIMAGE_DIR/lib/modules/$KVER/modules.dep" ]; then
+    step "depmod -b $KIMAGE_DIR $KVER"
+    depmod -b "$KIMAGE_DIR" "$KVER"
 fi
 
 KHEADERS=/usr/src/linux-headers-$KVER
