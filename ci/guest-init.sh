@@ -64,7 +64,7 @@ export VHOST_DISKS="${VHOST_DISKS# }"
 export DM_DISABLE_UDEV=1 HOME=/tmp
 
 if [ -z "$script" ] && [ -e "/dev/disk/by-serial/$plan" ]; then
-    # the plan disk holds the script padded with newlines to a 512-byte multiple
+    # the plan disk holds the script padded with newlines to a 4 KiB multiple
     cat "/dev/disk/by-serial/$plan" > /tmp/plan.sh
     script=/tmp/plan.sh
 fi
