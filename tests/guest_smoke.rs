@@ -21,7 +21,11 @@ fn kernel_dm_clone_over_plain_disks() {
         return;
     }
     let dir = TestDir::new("smoke-dm-clone").expect("tempdir");
-    let (meta, dest, src) = (dir.join("meta.img"), dir.join("dest.img"), dir.join("src.img"));
+    let (meta, dest, src) = (
+        dir.join("meta.img"),
+        dir.join("dest.img"),
+        dir.join("src.img"),
+    );
     guest::write_zero_file(&meta, 4 * MIB).expect("meta");
     guest::write_zero_file(&dest, 64 * MIB).expect("dest");
     guest::write_random_file(&src, 64 * MIB, 0x5eed_0001).expect("src");
@@ -57,7 +61,10 @@ echo "RESULT removed=yes"
     assert_eq!(out.result("removed").as_deref(), Some("yes"));
     // no_hydration and reads only: the destination stays all zero
     let dest_bytes = std::fs::read(&dest).expect("read dest");
-    assert!(dest_bytes.iter().all(|&b| b == 0), "destination was written");
+    assert!(
+        dest_bytes.iter().all(|&b| b == 0),
+        "destination was written"
+    );
 }
 
 /// Kills the export when the test ends, however it ends.
@@ -88,7 +95,11 @@ impl StorageDaemon {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("qemu-storage-daemon exited early: {status}");
             }
-            assert!(Instant::now() < deadline, "no socket {} after 10 s", socket.display());
+            assert!(
+                Instant::now() < deadline,
+                "no socket {} after 10 s",
+                socket.display()
+            );
             thread::sleep(Duration::from_millis(20));
         }
         daemon
@@ -108,7 +119,10 @@ fn vhost_user_blk_from_qemu_storage_daemon() {
         return;
     }
     if !guest::in_path("qemu-storage-daemon") {
-        assert!(!guest::in_ci(), "qemu-storage-daemon missing (apt qemu-utils)");
+        assert!(
+            !guest::in_ci(),
+            "qemu-storage-daemon missing (apt qemu-utils)"
+        );
         eprintln!("SKIPPED vhost_user_blk_from_qemu_storage_daemon: no qemu-storage-daemon");
         return;
     }
@@ -142,19 +156,33 @@ echo "RESULT written=yes"
     drop(daemon);
     out.assert_success();
     eprintln!("guest wall time: {:?} s", out.wall_secs());
-    assert_eq!(out.result("sectors").as_deref(), Some("32768"), "log:\n{}", out.log);
+    assert_eq!(
+        out.result("sectors").as_deref(),
+        Some("32768"),
+        "log:\n{}",
+        out.log
+    );
     assert_eq!(out.result("sha256"), Some(before), "log:\n{}", out.log);
     assert_eq!(out.result("written").as_deref(), Some("yes"));
 
     let expected: Vec<u8> = b"VHOSTCLONE\n".iter().copied().cycle().take(len).collect();
     let got = guest::read_at(&image, offset, len).expect("read back");
-    assert!(got == expected, "guest write not visible in the host file at {offset}");
+    assert!(
+        got == expected,
+        "guest write not visible in the host file at {offset}"
+    );
     // bytes around the write are untouched
     let mut untouched = dir.join("check.img");
     untouched.set_extension("ref");
     guest::write_random_file(&untouched, 16 * MIB, 0x5eed_0002).expect("reference");
     let reference = std::fs::read(&untouched).expect("read reference");
     let now = std::fs::read(&image).expect("read image");
-    let (start, end) = (usize::try_from(offset).unwrap(), usize::try_from(offset).unwrap() + len);
-    assert!(now[..start] == reference[..start] && now[end..] == reference[end..], "bytes outside the write changed");
+    let (start, end) = (
+        usize::try_from(offset).unwrap(),
+        usize::try_from(offset).unwrap() + len,
+    );
+    assert!(
+        now[..start] == reference[..start] && now[end..] == reference[end..],
+        "bytes outside the write changed"
+    );
 }

@@ -205,7 +205,11 @@ impl GuestRun {
         }
         for v in &self.vhost_user_sockets {
             args.push("--vhost-user".to_string());
-            args.push(format!("{},num-queues={}", v.socket.display(), v.num_queues));
+            args.push(format!(
+                "{},num-queues={}",
+                v.socket.display(),
+                v.num_queues
+            ));
         }
         args.extend(self.extra_args.iter().cloned());
         args
@@ -269,7 +273,11 @@ impl GuestOutput {
 
     /// Panic with the log unless the script exited 0.
     pub fn assert_success(&self) -> &Self {
-        assert_eq!(self.status, 0, "guest script failed (status {}); log:\n{}", self.status, self.log);
+        assert_eq!(
+            self.status, 0,
+            "guest script failed (status {}); log:\n{}",
+            self.status, self.log
+        );
         self
     }
 
@@ -357,9 +365,15 @@ fn write_file_with(path: &Path, size: u64, mut word: impl FnMut(u64) -> u64) -> 
 
 /// sha256 of a file, hex, via coreutils `sha256sum` (the guest uses busybox `sha256sum`).
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let out = Command::new("sha256sum").arg(path).stdin(Stdio::null()).output()?;
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()?;
     if !out.status.success() {
-        return Err(io::Error::other(format!("sha256sum {} failed", path.display())));
+        return Err(io::Error::other(format!(
+            "sha256sum {} failed",
+            path.display()
+        )));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
