@@ -51,15 +51,18 @@ done
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/run-guest.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
-# plan disk: the script, padded with newlines to a 4 KiB multiple
+# plan disk: the script, padded with newlines to a 4 KiB multiple (64 KiB at least)
 plan=$tmp/plan.img
 cp "$script" "$plan"
 printf '\n' >> "$plan"
 size=$(stat -c %s "$plan")
-pad=$(( (4096 - size % 4096) % 4096 ))
+want=$(( (size + 4095) / 4096 * 4096 ))
+# at least 64 KiB: the kernel's partition probes (Amiga RDB) read the first 16 sectors
+[ "$want" -ge 65536 ] || want=65536
+pad=$(( want - size ))
 if [ "$pad" -gt 0 ]; then head -c "$pad" /dev/zero | tr '\0' '\n' >> "$plan"; fi
 
-args=(-machine q35 -accel tcg -cpu max -m "$mem" -smp "$smp"
+args=(-machine q35 -accel tcg -cpu ${QEMU_CPU:-max} -m "$mem" -smp "$smp"
       -nodefaults -nographic -serial stdio -monitor none -no-reboot
       -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initramfs.cpio.gz")
 # fixed PCI slots: plan 0x07, vhost-user 0x08+i (the guest recognises them by slot), plain disks 0x10+i
