@@ -10,19 +10,21 @@
 #                                 guest: /dev/disk/vhostI and $DISK_vhostI (I = 0,1,.. in command-line order), $VHOST_DISKS
 #   --timeout SECS                kill QEMU after SECS (default 300)
 #   --guest-dir DIR               vmlinuz + initramfs.cpio.gz (default $CARGO_TARGET_DIR/guest or target/guest)
+#   --kernel FILE                 kernel to boot (default: GUEST_DIR/vmlinux (PVH ELF) if present, else GUEST_DIR/vmlinuz)
 #   --mem MIB                     guest memory (default 1024)   --smp N   vCPUs (default 1)
 #   --append ARGS                 extra kernel command line
 #   --log FILE                    also write the (CR-stripped) console log to FILE
 # Output: the guest console on stdout (lines the guest prints: GUEST_DISK ..., the script's own output,
 # GUEST_EXIT=<rc>); "RUN_GUEST ..." summary on stderr.
 # Exit status: the script's status; 124 timeout; 125 the guest ended without GUEST_EXIT; 2 usage error.
+# Env: QEMU_CPU (-cpu, default max), QEMU_BIOS (-bios FILE, e.g. /usr/share/qemu/qboot.rom; default SeaBIOS).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
-usage() { sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+usage() { sed -n '2,23s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 
-script= timeout_s=300 mem=1024 smp=1 append= logfile=
+script= timeout_s=300 mem=1024 smp=1 append= logfile= kernel=
 guest_dir=${CARGO_TARGET_DIR:-$root/target}/guest
 disks=() vhosts=()
 while [ $# -gt 0 ]; do
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
         --vhost-user) vhosts+=("${2:?}"); shift 2 ;;
         --timeout) timeout_s=${2:?}; shift 2 ;;
         --guest-dir) guest_dir=${2:?}; shift 2 ;;
+        --kernel) kernel=${2:?}; shift 2 ;;
         --mem) mem=${2:?}; shift 2 ;;
         --smp) smp=${2:?}; shift 2 ;;
         --append) append=${2:?}; shift 2 ;;
@@ -45,6 +48,11 @@ done
 for f in vmlinuz initramfs.cpio.gz; do
     [ -f "$guest_dir/$f" ] || { echo "run-guest: $guest_dir/$f missing: run ci/build-guest.sh" >&2; exit 2; }
 done
+if [ -z "$kernel" ]; then
+    kernel=$guest_dir/vmlinuz
+    [ ! -f "$guest_dir/vmlinux" ] || kernel=$guest_dir/vmlinux
+fi
+[ -f "$kernel" ] || { echo "run-guest: no kernel $kernel" >&2; exit 2; }
 [ "${#vhosts[@]}" -le 8 ] || { echo "run-guest: at most 8 --vhost-user" >&2; exit 2; }
 [ "${#disks[@]}" -le 14 ] || { echo "run-guest: at most 14 --disk" >&2; exit 2; }
 
@@ -63,8 +71,8 @@ pad=$(( want - size ))
 if [ "$pad" -gt 0 ]; then head -c "$pad" /dev/zero | tr '\0' '\n' >> "$plan"; fi
 
 args=(-machine q35 -accel tcg -cpu ${QEMU_CPU:-max} -m "$mem" -smp "$smp"
-      -nodefaults -nographic -serial stdio -monitor none -no-reboot
-      -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initramfs.cpio.gz")
+      -nodefaults -nographic -serial stdio -monitor none -no-reboot ${QEMU_BIOS:+-bios "$QEMU_BIOS"}
+      -kernel "$kernel" -initrd "$guest_dir/initramfs.cpio.gz")
 # fixed PCI slots: plan 0x07, vhost-user 0x08+i (the guest recognises them by slot), plain disks 0x10+i
 args+=(-drive "file=$plan,if=none,format=raw,id=plan,readonly=on"
        -device "virtio-blk-pci,drive=plan,serial=plan,addr=0x07")
