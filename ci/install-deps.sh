@@ -78,11 +78,9 @@ if [ -f "$CACHE/kernel.env" ]; then
 fi
 if [ -z "$KVER" ] || [ ! -f "$CACHE/kernel/$KVER/boot/vmlinuz-$KVER" ] || ! have_pkg "linux-headers-$KVER" \
     || ! have_pkg linux-source-6.1; then
+    # fresh lists first: stale ones name an ABI whose packages the mirror no longer has
+    apt_update
     KVER=$(resolve_kver)
-    if [ -z "$KVER" ]; then
-        apt_update
-        KVER=$(resolve_kver)
-    fi
     if [ -z "$KVER" ]; then
         echo "install-deps: cannot resolve the kernel ABI from linux-image-amd64" >&2
         exit 1
@@ -151,7 +149,12 @@ KIMAGE_DIR=$KIMAGE_DIR
 KHEADERS=$KHEADERS
 KSOURCE_TARBALL=/usr/src/linux-source-6.1.tar.xz
 ENV
-mv "$CACHE/kernel.env.tmp" "$CACHE/kernel.env"
+# rewrite only on change: ci/build-guest.sh rebuilds when kernel.env is newer than its outputs
+if cmp -s "$CACHE/kernel.env.tmp" "$CACHE/kernel.env"; then
+    rm -f "$CACHE/kernel.env.tmp"
+else
+    mv "$CACHE/kernel.env.tmp" "$CACHE/kernel.env"
+fi
 
 step "done"
 echo "[install-deps] qemu: $(qemu-system-x86_64 --version | head -n1)"
