@@ -17,12 +17,13 @@
 # Output: the guest console on stdout (lines the guest prints: GUEST_DISK ..., the script's own output,
 # GUEST_EXIT=<rc>); "RUN_GUEST ..." summary on stderr.
 # Exit status: the script's status; 124 timeout; 125 the guest ended without GUEST_EXIT; 2 usage error.
-# Env: QEMU_CPU (-cpu, default max), QEMU_BIOS (-bios FILE, e.g. /usr/share/qemu/qboot.rom; default SeaBIOS).
+# Env: QEMU_CPU (-cpu, default max), QEMU_BIOS (-bios FILE, e.g. /usr/share/qemu/qboot.rom; default SeaBIOS),
+#      GUEST_QUIET (replaces "quiet" on the kernel command line; GUEST_QUIET=" " shows the boot log).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
-usage() { sed -n '2,23s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+usage() { sed -n '2,24s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 
 script= timeout_s=300 mem=1024 smp=1 append= logfile= kernel=
 guest_dir=${CARGO_TARGET_DIR:-$root/target}/guest
@@ -114,7 +115,7 @@ for spec in "${vhosts[@]}"; do
     j=$((j + 1))
 done
 ndisks=$((1 + i + j))
-args+=(-append "console=ttyS0 quiet panic=-1 vhc.ndisks=$ndisks $append")
+args+=(-append "console=ttyS0 ${GUEST_QUIET-quiet} panic=-1 vhc.ndisks=$ndisks $append")
 
 log=$tmp/console.log
 t0=$(date +%s.%N)
