@@ -28,6 +28,8 @@ pub const DISCARD_GRANULARITY_SECTORS: u32 = 8;
 
 /// Submission queue entries per worker ring.
 const RING_ENTRIES: u32 = 128;
+/// Completion queue entries per worker ring: a full 1024-descriptor virtqueue fits.
+const RING_CQ_ENTRIES: u32 = 1024;
 
 /// Options of a linear table line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,7 +286,7 @@ impl LinearTarget {
     pub fn worker(&self) -> io::Result<LinearWorker> {
         Ok(LinearWorker {
             shared: Arc::clone(&self.shared),
-            ring: Ring::new(RING_ENTRIES)?,
+            ring: Ring::with_cq_size(RING_ENTRIES, RING_CQ_ENTRIES)?,
             next_id: 0,
             pending: HashMap::new(),
             ready: Vec::new(),
