@@ -74,7 +74,12 @@ fn io_linear_first_and_last_sector_round_trip() {
     for sector in [0, SECTORS - 1] {
         let mut wbuf = AlignedBuf::new(512).unwrap();
         fill(wbuf.as_mut_slice(), (sector as u8).wrapping_add(1));
-        run(&mut w, BlockOp::Write { sector }, &mut [wbuf.as_mut_slice()]).unwrap();
+        run(
+            &mut w,
+            BlockOp::Write { sector },
+            &mut [wbuf.as_mut_slice()],
+        )
+        .unwrap();
         let mut rbuf = AlignedBuf::new(512).unwrap();
         run(&mut w, BlockOp::Read { sector }, &mut [rbuf.as_mut_slice()]).unwrap();
         assert_eq!(rbuf.as_slice(), wbuf.as_slice());
@@ -96,17 +101,31 @@ fn io_linear_offset_is_honoured() {
     assert_eq!(t.length_sectors(), SECTORS - 16);
     let mut wbuf = AlignedBuf::new(4096).unwrap();
     fill(wbuf.as_mut_slice(), 0x5a);
-    run(&mut w, BlockOp::Write { sector: 0 }, &mut [wbuf.as_mut_slice()]).unwrap();
+    run(
+        &mut w,
+        BlockOp::Write { sector: 0 },
+        &mut [wbuf.as_mut_slice()],
+    )
+    .unwrap();
     let f = std::fs::File::open(&path).unwrap();
     let mut raw = vec![0u8; 4096];
     f.read_exact_at(&mut raw, 16 * 512).unwrap();
     assert_eq!(&raw[..], wbuf.as_slice());
     f.read_exact_at(&mut raw, 0).unwrap();
-    assert!(raw.iter().all(|&x| x == 0), "bytes before the offset untouched");
+    assert!(
+        raw.iter().all(|&x| x == 0),
+        "bytes before the offset untouched"
+    );
     // The last sector of the window is the last sector of the file.
     let last = t.length_sectors() - 1;
-    run(&mut w, BlockOp::Write { sector: last }, &mut [&mut wbuf.as_mut_slice()[..512]]).unwrap();
-    f.read_exact_at(&mut raw[..512], (SECTORS - 1) * 512).unwrap();
+    run(
+        &mut w,
+        BlockOp::Write { sector: last },
+        &mut [&mut wbuf.as_mut_slice()[..512]],
+    )
+    .unwrap();
+    f.read_exact_at(&mut raw[..512], (SECTORS - 1) * 512)
+        .unwrap();
     assert_eq!(&raw[..512], &wbuf.as_slice()[..512]);
 }
 
@@ -114,34 +133,103 @@ fn io_linear_offset_is_honoured() {
 fn io_linear_out_of_range() {
     let (_d, _p, _t, mut w) = target(LinearOptions::default());
     let mut b = AlignedBuf::new(1024).unwrap();
-    let r = run(&mut w, BlockOp::Read { sector: SECTORS }, &mut [&mut b.as_mut_slice()[..512]]);
-    assert!(matches!(r, Err(BlockError::OutOfRange { sector: SECTORS, nr_sectors: 1, capacity: SECTORS })), "{r:?}");
-    let r = run(&mut w, BlockOp::Write { sector: SECTORS - 1 }, &mut [b.as_mut_slice()]);
-    assert!(matches!(r, Err(BlockError::OutOfRange { .. })), "{r:?}");
-    let r = run(&mut w, BlockOp::Discard { sector: u64::MAX, nr_sectors: 2 }, &mut []);
+    let r = run(
+        &mut w,
+        BlockOp::Read { sector: SECTORS },
+        &mut [&mut b.as_mut_slice()[..512]],
+    );
+    assert!(
+        matches!(
+            r,
+            Err(BlockError::OutOfRange {
+                sector: SECTORS,
+                nr_sectors: 1,
+                capacity: SECTORS
+            })
+        ),
+        "{r:?}"
+    );
+    let r = run(
+        &mut w,
+        BlockOp::Write {
+            sector: SECTORS - 1,
+        },
+        &mut [b.as_mut_slice()],
+    );
     assert!(matches!(r, Err(BlockError::OutOfRange { .. })), "{r:?}");
     let r = run(
         &mut w,
-        BlockOp::WriteZeroes { sector: 8, nr_sectors: SECTORS, unmap: false },
+        BlockOp::Discard {
+            sector: u64::MAX,
+            nr_sectors: 2,
+        },
+        &mut [],
+    );
+    assert!(matches!(r, Err(BlockError::OutOfRange { .. })), "{r:?}");
+    let r = run(
+        &mut w,
+        BlockOp::WriteZeroes {
+            sector: 8,
+            nr_sectors: SECTORS,
+            unmap: false,
+        },
         &mut [],
     );
     assert!(matches!(r, Err(BlockError::OutOfRange { .. })), "{r:?}");
     // Length not a multiple of 512: refused, not panicking.
-    let r = run(&mut w, BlockOp::Read { sector: 0 }, &mut [&mut b.as_mut_slice()[..100]]);
+    let r = run(
+        &mut w,
+        BlockOp::Read { sector: 0 },
+        &mut [&mut b.as_mut_slice()[..100]],
+    );
     assert!(matches!(r, Err(BlockError::Io(_))), "{r:?}");
 }
 
 #[test]
 fn io_linear_construction_errors() {
     let (_d, path) = temp_file(SECTORS * 512);
-    let e = LinearTarget::open(&path, &LinearOptions { offset_sectors: 8, length_sectors: Some(SECTORS), ..Default::default() }).unwrap_err();
+    let e = LinearTarget::open(
+        &path,
+        &LinearOptions {
+            offset_sectors: 8,
+            length_sectors: Some(SECTORS),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(e, LinearError::RangeBeyondDevice { .. }), "{e}");
-    let e = LinearTarget::open(&path, &LinearOptions { logical_block_size: 1024, ..Default::default() }).unwrap_err();
+    let e = LinearTarget::open(
+        &path,
+        &LinearOptions {
+            logical_block_size: 1024,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(e, LinearError::BadLogicalBlockSize(1024)), "{e}");
-    let e = LinearTarget::open(&path, &LinearOptions { offset_sectors: SECTORS, ..Default::default() }).unwrap_err();
+    let e = LinearTarget::open(
+        &path,
+        &LinearOptions {
+            offset_sectors: SECTORS,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(matches!(e, LinearError::Empty { .. }), "{e}");
-    let t = LinearTarget::open(&path, &LinearOptions { logical_block_size: 4096, offset_sectors: 3, ..Default::default() }).unwrap();
-    assert_eq!(t.length_sectors(), SECTORS - 8, "default length rounded down to 4 KiB blocks");
+    let t = LinearTarget::open(
+        &path,
+        &LinearOptions {
+            logical_block_size: 4096,
+            offset_sectors: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        t.length_sectors(),
+        SECTORS - 8,
+        "default length rounded down to 4 KiB blocks"
+    );
     assert_eq!(t.geometry().logical_block_size, 4096);
 }
 
@@ -155,11 +243,30 @@ fn io_linear_read_only_refuses_writes() {
     let g = t.geometry();
     assert!(g.read_only && !g.discard && !g.write_zeroes);
     let mut b = AlignedBuf::new(512).unwrap();
-    let r = run(&mut w, BlockOp::Write { sector: 0 }, &mut [b.as_mut_slice()]);
+    let r = run(
+        &mut w,
+        BlockOp::Write { sector: 0 },
+        &mut [b.as_mut_slice()],
+    );
     assert!(matches!(r, Err(BlockError::ReadOnly)), "{r:?}");
-    let r = run(&mut w, BlockOp::Discard { sector: 0, nr_sectors: 8 }, &mut []);
+    let r = run(
+        &mut w,
+        BlockOp::Discard {
+            sector: 0,
+            nr_sectors: 8,
+        },
+        &mut [],
+    );
     assert!(matches!(r, Err(BlockError::ReadOnly)), "{r:?}");
-    let r = run(&mut w, BlockOp::WriteZeroes { sector: 0, nr_sectors: 8, unmap: true }, &mut []);
+    let r = run(
+        &mut w,
+        BlockOp::WriteZeroes {
+            sector: 0,
+            nr_sectors: 8,
+            unmap: true,
+        },
+        &mut [],
+    );
     assert!(matches!(r, Err(BlockError::ReadOnly)), "{r:?}");
     run(&mut w, BlockOp::Read { sector: 0 }, &mut [b.as_mut_slice()]).unwrap();
     run(&mut w, BlockOp::Flush, &mut []).unwrap();
@@ -195,10 +302,41 @@ fn io_linear_discard_and_write_zeroes_read_zero() {
     let (_d, _p, _t, mut w) = target(LinearOptions::default());
     let mut data = AlignedBuf::new(65536).unwrap();
     fill(data.as_mut_slice(), 0x77);
-    run(&mut w, BlockOp::Write { sector: 0 }, &mut [data.as_mut_slice()]).unwrap();
-    run(&mut w, BlockOp::Discard { sector: 8, nr_sectors: 8 }, &mut []).unwrap();
-    run(&mut w, BlockOp::WriteZeroes { sector: 32, nr_sectors: 8, unmap: false }, &mut []).unwrap();
-    run(&mut w, BlockOp::WriteZeroes { sector: 64, nr_sectors: 16, unmap: true }, &mut []).unwrap();
+    run(
+        &mut w,
+        BlockOp::Write { sector: 0 },
+        &mut [data.as_mut_slice()],
+    )
+    .unwrap();
+    run(
+        &mut w,
+        BlockOp::Discard {
+            sector: 8,
+            nr_sectors: 8,
+        },
+        &mut [],
+    )
+    .unwrap();
+    run(
+        &mut w,
+        BlockOp::WriteZeroes {
+            sector: 32,
+            nr_sectors: 8,
+            unmap: false,
+        },
+        &mut [],
+    )
+    .unwrap();
+    run(
+        &mut w,
+        BlockOp::WriteZeroes {
+            sector: 64,
+            nr_sectors: 16,
+            unmap: true,
+        },
+        &mut [],
+    )
+    .unwrap();
     let mut r = AlignedBuf::new(65536).unwrap();
     run(&mut w, BlockOp::Read { sector: 0 }, &mut [r.as_mut_slice()]).unwrap();
     let s = r.as_slice();
@@ -223,7 +361,13 @@ fn io_linear_many_in_flight_and_drain() {
         .collect();
     for (i, b) in bufs.iter_mut().enumerate() {
         let g = gb(b.as_mut_slice());
-        w.submit(i as u64, BlockOp::Write { sector: (i as u64 % 256) * 8 }, &[g]);
+        w.submit(
+            i as u64,
+            BlockOp::Write {
+                sector: (i as u64 % 256) * 8,
+            },
+            &[g],
+        );
     }
     w.kick();
     w.drain();
@@ -234,6 +378,68 @@ fn io_linear_many_in_flight_and_drain() {
     assert!(done.iter().all(|c| c.result.is_ok()));
     assert_eq!(w.in_flight(), 0);
     let mut r = AlignedBuf::new(4096).unwrap();
-    run(&mut w, BlockOp::Read { sector: 199 * 8 }, &mut [r.as_mut_slice()]).unwrap();
+    run(
+        &mut w,
+        BlockOp::Read { sector: 199 * 8 },
+        &mut [r.as_mut_slice()],
+    )
+    .unwrap();
     assert_eq!(r.as_slice(), bufs[199].as_slice());
+}
+
+/// tmpfs: O_DIRECT may be refused (buffered fallback) and FALLOC_FL_ZERO_RANGE is not
+/// supported (write-zeroes falls back to writing zeroes).
+#[test]
+fn io_linear_tmpfs_fallbacks() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm, skipping");
+        return;
+    }
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(SECTORS * 512)
+        .unwrap();
+    let t = LinearTarget::open(&path, &LinearOptions::default()).unwrap();
+    eprintln!("tmpfs direct I/O: {}", t.file_info().direct);
+    let mut w = t.new_worker(0).unwrap();
+    let mut data = AlignedBuf::new(16384).unwrap();
+    fill(data.as_mut_slice(), 0x11);
+    run(
+        &mut w,
+        BlockOp::Write { sector: 0 },
+        &mut [data.as_mut_slice()],
+    )
+    .unwrap();
+    for _ in 0..2 {
+        // Second time round the worker remembers ZERO_RANGE is unsupported.
+        run(
+            &mut w,
+            BlockOp::WriteZeroes {
+                sector: 8,
+                nr_sectors: 8,
+                unmap: false,
+            },
+            &mut [],
+        )
+        .unwrap();
+    }
+    run(
+        &mut w,
+        BlockOp::Discard {
+            sector: 24,
+            nr_sectors: 8,
+        },
+        &mut [],
+    )
+    .unwrap();
+    let mut r = AlignedBuf::new(16384).unwrap();
+    run(&mut w, BlockOp::Read { sector: 0 }, &mut [r.as_mut_slice()]).unwrap();
+    let s = r.as_slice();
+    assert_eq!(&s[..4096], &data.as_slice()[..4096]);
+    assert!(s[4096..8192].iter().all(|&x| x == 0));
+    assert_eq!(&s[8192..12288], &data.as_slice()[8192..12288]);
+    assert!(s[12288..].iter().all(|&x| x == 0));
 }

@@ -45,7 +45,9 @@ impl DioAlign {
     pub fn fits(&self, addr: usize, len: usize, offset: u64) -> bool {
         let mem = usize::try_from(self.mem).unwrap_or(usize::MAX);
         let off = usize::try_from(self.offset).unwrap_or(usize::MAX);
-        addr % mem == 0 && len % off == 0 && offset % u64::from(self.offset) == 0
+        addr.is_multiple_of(mem)
+            && len.is_multiple_of(off)
+            && offset.is_multiple_of(u64::from(self.offset))
     }
 }
 

@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vhost_user_blk::{
-    BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DiskGeometry, GuestBuf,
-    SECTOR_SIZE,
+    BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DiskGeometry, GuestBuf, SECTOR_SIZE,
 };
 
 use crate::io::{
@@ -236,7 +235,7 @@ impl LinearTarget {
             });
         }
         let offset_bytes = opts.offset_sectors.saturating_mul(SECTOR_SIZE);
-        if offset_bytes % u64::from(align) != 0 {
+        if !offset_bytes.is_multiple_of(u64::from(align)) {
             return Err(LinearError::Misaligned {
                 path,
                 what: "offset in bytes",
@@ -430,7 +429,12 @@ impl LinearWorker {
         }
     }
 
-    fn start_read(&mut self, id: u64, sector: u64, bufs: &[GuestBuf]) -> Result<Started, BlockError> {
+    fn start_read(
+        &mut self,
+        id: u64,
+        sector: u64,
+        bufs: &[GuestBuf],
+    ) -> Result<Started, BlockError> {
         let (offset, total) = self.data_range(sector, bufs)?;
         if total == 0 {
             return Ok(Started::Done);
@@ -441,8 +445,11 @@ impl LinearWorker {
             // SAFETY: the device keeps every GuestBuf valid and untouched until the completion
             // with this request's tag is reaped (BlockWorker::submit contract); we only report
             // that completion after the ring returned this operation.
-            unsafe { self.ring.submit_readv(file, offset, &iov, EofPolicy::Error, id) }
-                .map_err(io_err)?;
+            unsafe {
+                self.ring
+                    .submit_readv(file, offset, &iov, EofPolicy::Error, id)
+            }
+            .map_err(io_err)?;
             return Ok(Started::Queued(Stage::Plain));
         }
         // Bounce: read the aligned superset of the range.
@@ -470,7 +477,12 @@ impl LinearWorker {
         }))
     }
 
-    fn start_write(&mut self, id: u64, sector: u64, bufs: &[GuestBuf]) -> Result<Started, BlockError> {
+    fn start_write(
+        &mut self,
+        id: u64,
+        sector: u64,
+        bufs: &[GuestBuf],
+    ) -> Result<Started, BlockError> {
         let file = self.shared.writable()?;
         let (offset, total) = self.data_range(sector, bufs)?;
         if total == 0 {

@@ -63,7 +63,11 @@ pub enum BlockOp {
     /// The guest no longer needs the range.
     Discard { sector: u64, nr_sectors: u64 },
     /// Make the range read as zeroes; `unmap` allows deallocating it.
-    WriteZeroes { sector: u64, nr_sectors: u64, unmap: bool },
+    WriteZeroes {
+        sector: u64,
+        nr_sectors: u64,
+        unmap: bool,
+    },
 }
 
 /// Why a request failed; the device maps this to a virtio status in one place.
@@ -80,7 +84,11 @@ pub enum BlockError {
     ReadOnly,
     /// The range lies (partly) outside the device.
     #[error("sector range {sector}+{nr_sectors} is beyond the device capacity {capacity}")]
-    OutOfRange { sector: u64, nr_sectors: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        nr_sectors: u64,
+        capacity: u64,
+    },
 }
 
 /// One finished request.
