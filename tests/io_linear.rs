@@ -530,3 +530,74 @@ fn io_linear_block_device_via_loop() {
     );
     assert!(matches!(r, Err(BlockError::OutOfRange { .. })));
 }
+
+/// Rough numbers, not a benchmark suite: 4 KiB random reads then writes at queue depth 32
+/// for about a second each, aligned (direct to "guest" buffers) and misaligned (bounce).
+/// `cargo test --release --test io_linear bench -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn io_linear_bench_qd32() {
+    use rand::Rng;
+    let (_d, path) = temp_file(64 << 20);
+    let t = LinearTarget::open(&path, &LinearOptions::default()).unwrap();
+    eprintln!("file info: {:?}", t.file_info());
+    let mut w = t.new_worker(0).unwrap();
+    let blocks = t.length_sectors() / 8;
+    let mut rng = rand::thread_rng();
+    let mut backing = vec![0u8; 32 * 4096 + 4096 + 1];
+    for (name, write, misalign) in [
+        ("read aligned", false, 0usize),
+        ("write aligned", true, 0),
+        ("read bounce", false, 1),
+        ("write bounce", true, 1),
+    ] {
+        let base = backing.as_mut_ptr() as usize;
+        let start = base.next_multiple_of(4096) - base + misalign;
+        let bufs: Vec<GuestBuf> = (0..32)
+            .map(|i| GuestBuf {
+                ptr: backing[start + i * 4096..].as_mut_ptr(),
+                len: 4096,
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        let mut ops = 0u64;
+        let mut done = Vec::new();
+        let op = |rng: &mut rand::rngs::ThreadRng| {
+            let sector = rng.gen_range(0..blocks) * 8;
+            if write {
+                BlockOp::Write { sector }
+            } else {
+                BlockOp::Read { sector }
+            }
+        };
+        for (i, b) in bufs.iter().enumerate() {
+            w.submit(i as u64, op(&mut rng), std::slice::from_ref(b));
+        }
+        w.kick();
+        while t0.elapsed().as_secs_f64() < 1.0 {
+            let mut pfd = libc::pollfd {
+                fd: w.event_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: pfd is a valid pollfd array of length 1.
+            unsafe { libc::poll(&mut pfd, 1, 1000) };
+            w.reap(&mut done);
+            for c in done.drain(..) {
+                c.result.unwrap();
+                ops += 1;
+                let b = bufs[c.tag as usize];
+                w.submit(c.tag, op(&mut rng), &[b]);
+            }
+            w.kick();
+        }
+        w.drain();
+        w.reap(&mut done);
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "{name}: {:.0} IOPS ({:.1} MiB/s)",
+            ops as f64 / secs,
+            ops as f64 * 4096.0 / secs / 1048576.0
+        );
+    }
+}
