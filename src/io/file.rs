@@ -245,11 +245,26 @@ macro_rules! common_accessors {
     };
 }
 
-/// A file or block device opened `O_RDONLY | O_DIRECT`. It has no write methods.
+/// A file or block device opened `O_RDONLY | O_DIRECT`. It has no write methods, and the
+/// ring's write, fsync and fallocate submissions do not accept it:
+///
+/// ```compile_fail
+/// # use vhost_clone::io::{AlignedBuf, ReadOnlyFile, Ring};
+/// fn write_the_source(src: &ReadOnlyFile, ring: &mut Ring, buf: AlignedBuf) {
+///     let _ = ring.submit_write_buf(src, 0, buf, 512, 0); // ReadOnlyFile is not WritableFd
+/// }
+/// ```
 #[derive(Debug)]
 pub struct ReadOnlyFile(Handle);
 
 /// A file or block device opened `O_RDWR | O_DIRECT`.
+///
+/// ```no_run
+/// # use vhost_clone::io::{AlignedBuf, ReadWriteFile, Ring};
+/// fn write_the_destination(dst: &ReadWriteFile, ring: &mut Ring, buf: AlignedBuf) {
+///     let _ = ring.submit_write_buf(dst, 0, buf, 512, 0);
+/// }
+/// ```
 #[derive(Debug)]
 pub struct ReadWriteFile(Handle);
 
