@@ -91,16 +91,17 @@ struct Handle {
 }
 
 impl Handle {
-    fn open(path: &Path, writable: bool) -> Result<Self, OpenError> {
+    fn open(path: &Path, writable: bool, try_direct: bool) -> Result<Self, OpenError> {
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(writable);
             o.custom_flags(if direct { libc::O_DIRECT } else { 0 } | libc::O_CLOEXEC);
             o.open(path)
         };
-        let (file, direct) = match open(true) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        let first = if try_direct { open(true) } else { open(false) };
+        let (file, direct) = match first {
+            Ok(f) => (f, try_direct),
+            Err(e) if try_direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 log::warn!(
                     "{}: the filesystem refuses O_DIRECT; falling back to buffered I/O \
                      (page cache in use, slower and double-cached)",
@@ -276,14 +277,24 @@ impl WritableFd for ReadWriteFile {}
 impl ReadOnlyFile {
     /// Open `path` read-only for direct I/O (buffered if the filesystem refuses O_DIRECT).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        Handle::open(path.as_ref(), false).map(Self)
+        Handle::open(path.as_ref(), false, true).map(Self)
+    }
+
+    /// Open `path` read-only through the page cache (no `O_DIRECT`).
+    pub fn open_buffered(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Handle::open(path.as_ref(), false, false).map(Self)
     }
 }
 
 impl ReadWriteFile {
     /// Open `path` read-write for direct I/O (buffered if the filesystem refuses O_DIRECT).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        Handle::open(path.as_ref(), true).map(Self)
+        Handle::open(path.as_ref(), true, true).map(Self)
+    }
+
+    /// Open `path` read-write through the page cache (no `O_DIRECT`; flushes still fsync).
+    pub fn open_buffered(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Handle::open(path.as_ref(), true, false).map(Self)
     }
 
     /// BLKDISCARD `len` bytes at `offset` (block devices only). Synchronous: the kernel has
