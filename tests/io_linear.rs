@@ -633,3 +633,23 @@ fn io_linear_buffered_handle() {
     let on_disk = std::fs::read(&path).unwrap();
     assert_eq!(&on_disk[3 * 512..5 * 512], &expect[..]);
 }
+
+/// More guest buffers than one readv/writev accepts: served through the bounce buffer.
+#[test]
+fn io_linear_more_than_uio_maxiov_buffers() {
+    let (_d, _p, _t, mut w) = target(LinearOptions::default());
+    let n = 1100usize;
+    let mut data = AlignedBuf::new(n * 512).unwrap();
+    fill(data.as_mut_slice(), 0x21);
+    let expect = data.as_slice().to_vec();
+    {
+        let mut chunks: Vec<&mut [u8]> = data.as_mut_slice().chunks_mut(512).collect();
+        run(&mut w, BlockOp::Write { sector: 1 }, &mut chunks).unwrap();
+    }
+    let mut back = AlignedBuf::new(n * 512).unwrap();
+    {
+        let mut chunks: Vec<&mut [u8]> = back.as_mut_slice().chunks_mut(512).collect();
+        run(&mut w, BlockOp::Read { sector: 1 }, &mut chunks).unwrap();
+    }
+    assert_eq!(back.as_slice(), &expect[..]);
+}

@@ -19,7 +19,7 @@ use vhost_user_blk::{
 
 use crate::io::{
     AlignedBuf, EofPolicy, FileInfo, FileKind, OpenError, ReadOnlyFile, ReadWriteFile, Ring,
-    RingCompletion,
+    RingCompletion, MAX_IOVECS,
 };
 
 /// Discard granularity offered to the guest, in sectors (4 KiB).
@@ -405,7 +405,9 @@ impl LinearWorker {
 
     fn direct_ok(&self, offset: u64, bufs: &[GuestBuf]) -> bool {
         let align = self.shared.file.info().align;
-        align.fits(0, 0, offset) && bufs.iter().all(|b| align.fits(b.ptr as usize, b.len, 0))
+        bufs.len() <= MAX_IOVECS
+            && align.fits(0, 0, offset)
+            && bufs.iter().all(|b| align.fits(b.ptr as usize, b.len, 0))
     }
 
     fn start(&mut self, id: u64, op: BlockOp, bufs: &[GuestBuf]) -> Result<Started, BlockError> {
@@ -710,6 +712,18 @@ impl BlockWorker for LinearWorker {
 
     fn drain(&mut self) {
         while !self.pending.is_empty() {
+            if self.ring.in_flight() == 0 {
+                // Cannot happen (one ring operation per pending request); never spin on it.
+                log::error!("linear: {} requests lost their I/O", self.pending.len());
+                for (_, p) in self.pending.drain() {
+                    let e = io::Error::other("request lost by the I/O engine");
+                    self.ready.push(Completion {
+                        tag: p.tag,
+                        result: Err(BlockError::Io(e)),
+                    });
+                }
+                break;
+            }
             if let Err(e) = self.ring.wait() {
                 log::error!(
                     "linear: waiting for {} in-flight requests failed: {e}",
