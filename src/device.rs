@@ -315,15 +315,20 @@ impl Device {
             .sum()
     }
 
-    /// Stop background work and commit (the daemon is exiting).
+    /// Stop background work, flush and commit (the daemon is exiting).
     pub fn shutdown(&self) {
         let loaded = lock(&self.loaded).take();
         for target in [Some(self.live_target()), loaded.map(|l| l.target)]
             .into_iter()
             .flatten()
         {
-            if let Target::Clone(c) = &*target {
-                c.shutdown();
+            match &*target {
+                Target::Clone(c) => c.shutdown(),
+                Target::Linear(l) => {
+                    if let Err(e) = l.sync() {
+                        log::error!("final flush of the linear target: {e}");
+                    }
+                }
             }
         }
     }

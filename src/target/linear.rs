@@ -178,6 +178,18 @@ impl LinearTarget {
         Self::new(file, opts)
     }
 
+    /// Make every completed write durable (fdatasync); a no-op when read-only.
+    pub fn sync(&self) -> io::Result<()> {
+        match self.shared.file.writable() {
+            // SAFETY: fdatasync(2) on a descriptor the target keeps open.
+            Some(f) => match unsafe { libc::fdatasync(f.as_raw_fd()) } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            },
+            None => Ok(()),
+        }
+    }
+
     /// Build the target over an opened handle.
     pub fn new(file: LinearFile, opts: &LinearOptions) -> Result<Self, LinearError> {
         let lbs = opts.logical_block_size;
