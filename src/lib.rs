@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod daemon;
+pub mod device;
 pub mod io;
 pub mod metadata;
 pub mod metrics;

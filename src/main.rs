@@ -45,8 +45,33 @@ enum Command {
         #[command(flatten)]
         ctl: ControlArg,
     },
-    /// Show the live table.
+    /// Show the live table (dm table syntax).
     Table {
+        #[command(flatten)]
+        ctl: ControlArg,
+        /// Print the dmsetup table line that reproduces the live state on the host's
+        /// device mapper (`clone` while hydrating, `linear` on the destination when done).
+        #[arg(long)]
+        dmsetup: bool,
+        /// Show the loaded (inactive) table instead.
+        #[arg(long, conflicts_with = "dmsetup")]
+        loaded: bool,
+    },
+    /// Load a table beside the live one; it becomes live at the next `resume`.
+    Load {
+        #[command(flatten)]
+        ctl: ControlArg,
+        /// The new table (same length as the live one), e.g. `linear DEST 0`.
+        #[arg(long, value_name = "TABLE", value_parser = parse_table)]
+        table: Table,
+    },
+    /// Hold new guest requests and wait for in-flight ones to drain (metadata committed).
+    Suspend {
+        #[command(flatten)]
+        ctl: ControlArg,
+    },
+    /// Make the loaded table live (if any) and release held requests.
+    Resume {
         #[command(flatten)]
         ctl: ControlArg,
     },
@@ -127,6 +152,10 @@ struct ServeArgs {
     /// Control socket (mode 0600) for status, messages, events and tables.
     #[arg(long, value_name = "CTRL")]
     control: Option<PathBuf>,
+    /// When every region is hydrated, switch to `linear DEST 0` by itself (the metadata
+    /// device is closed afterwards).
+    #[arg(long, value_name = "TABLE_TYPE", value_parser = ["linear"])]
+    on_hydrated: Option<String>,
 }
 
 fn parse_table(s: &str) -> Result<Table, String> {
@@ -182,6 +211,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         serial: args.serial,
         logical_block_size: args.logical_block_size,
         control: args.control,
+        on_hydrated_linear: args.on_hydrated.is_some(),
     })
 }
 
@@ -212,7 +242,25 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("{line}");
             true
         })?,
-        Command::Table { ctl } => control_request(&ctl, vec!["table".into()])?,
+        Command::Table {
+            ctl,
+            dmsetup,
+            loaded,
+        } => {
+            let mut words = vec!["table".to_string()];
+            if dmsetup {
+                words.push("--dmsetup".into());
+            }
+            if loaded {
+                words.push("--loaded".into());
+            }
+            control_request(&ctl, words)?
+        }
+        Command::Load { ctl, table } => {
+            control_request(&ctl, vec!["load".into(), table.to_line()])?
+        }
+        Command::Suspend { ctl } => control_request(&ctl, vec!["suspend".into()])?,
+        Command::Resume { ctl } => control_request(&ctl, vec!["resume".into()])?,
         Command::Metadata(MetadataCommand::Format {
             region_size,
             target_size,

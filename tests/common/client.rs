@@ -52,7 +52,7 @@ impl Client {
         self.blkio.get_u64("capacity").expect("capacity")
     }
 
-    fn buf(&self, off: usize, len: usize) -> &mut [u8] {
+    fn buf(&mut self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.region.len);
         // SAFETY: the region is mapped for the client's life and `off + len` is inside it;
         // callers use it for one request at a time.
