@@ -445,6 +445,41 @@ impl CloneGauges {
     }
 }
 
+/// [`MetricsSource`] for a live `clone` target: reads its shared state (atomics and short locks;
+/// never the metadata lock). Install with `registry.set_source(Some(Arc::new(CloneSource::new(
+/// target.shared().clone()))))`; on a swap to `linear`, `set_source(None)`.
+pub struct CloneSource {
+    shared: Arc<crate::target::clone::engine::Shared>,
+}
+
+impl CloneSource {
+    pub fn new(shared: Arc<crate::target::clone::engine::Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The figures rendered.
+    pub fn gauges(&self) -> CloneGauges {
+        let s = &self.shared;
+        CloneGauges {
+            hydrated_regions: s.map.hydrated_count(),
+            total_regions: s.geo.nr_regions(),
+            hydrating_regions: s.locks.hydrating(),
+            region_bytes: s.geo.region_sectors().saturating_mul(512),
+            copied_bytes: s.copied_bytes.load(Ordering::Relaxed),
+            copy_failures: s.sched.failures().stats().total,
+            commits: s.commits.load(Ordering::Relaxed),
+            metadata_mode: s.mode().as_status_str(),
+            hydration_enabled: s.sched.is_enabled(),
+        }
+    }
+}
+
+impl MetricsSource for CloneSource {
+    fn render(&self, out: &mut String) {
+        self.gauges().render(out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
