@@ -46,8 +46,15 @@ pub fn capabilities_json() -> String {
 
 /// `--print-capabilities` output for exactly `features`.
 pub fn capabilities_json_for(features: &[BlockFeature]) -> String {
-    let features: Vec<&str> = features.iter().map(|f| f.as_str()).collect();
-    serde_json::json!({ "type": "block", "features": features }).to_string()
+    // Written by hand to keep the spec's key order ("type" first); the names are fixed ASCII.
+    let features: Vec<String> = features
+        .iter()
+        .map(|f| format!("\"{}\"", f.as_str()))
+        .collect();
+    format!(
+        "{{\"type\":\"block\",\"features\":[{}]}}",
+        features.join(",")
+    )
 }
 
 /// The discovery file management tools look for (`VhostUserBackend` in vhost-user.json), to install
