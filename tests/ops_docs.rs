@@ -80,8 +80,8 @@ fn cli_md_matches_help() {
         let block = format!("```text\n{}```\n", help(&args));
         assert!(
             doc.contains(&block),
-            "`vhost-clone {} --help` differs from docs/cli.md: {REGENERATE}",
-            path.join(" ")
+            "`{}--help` differs from docs/cli.md: {REGENERATE}",
+            title.trim_start_matches("## ").replace('\n', " ")
         );
     }
     // No stale sections for commands that are gone.
