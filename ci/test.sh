@@ -18,6 +18,8 @@ run() { # run LABEL CMD...
 
 run fmt cargo fmt --all --check
 run clippy cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" run doc cargo doc --workspace --no-deps --quiet
+run fuzz-targets cargo check --manifest-path fuzz/Cargo.toml --quiet
 run build cargo build --workspace --release
 run test cargo test --workspace --release "$@"
 echo "[test] all ok ($(elapsed "$t_all") s)"

@@ -1,6 +1,6 @@
 //! The virtio-blk device: `VhostUserBackend` (the `&self` flavour) with per-thread state.
 //!
-//! Each vring worker thread owns a [`ThreadState`] (its [`BlockWorker`] and the in-flight
+//! Each vring worker thread owns a `ThreadState` (its [`BlockWorker`] and the in-flight
 //! slots of its queues); only that thread locks it on the data path, so the lock is
 //! uncontended. The frontend thread takes it only in `stop_vring`/`reset_device`.
 
