@@ -413,3 +413,68 @@ fn non_loopback_refused() {
         200
     );
 }
+
+/// `CloneSource` on a real clone target: starts unhydrated with hydration off, then completes.
+#[test]
+fn clone_source_of_a_live_target() {
+    use vhost_clone::metrics::CloneSource;
+    use vhost_clone::table::{Table, TargetSpec};
+    use vhost_clone::target::clone::CloneTarget;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest, meta) = (
+        dir.path().join("src"),
+        dir.path().join("dest"),
+        dir.path().join("meta"),
+    );
+    std::fs::write(&src, vec![0x5au8; 1 << 20]).unwrap();
+    std::fs::File::create(&dest)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::fs::File::create(&meta)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let line = format!(
+        "clone {} {} {} 8 1 no_hydration",
+        meta.display(),
+        dest.display(),
+        src.display()
+    );
+    let TargetSpec::Clone(spec) = Table::parse(&line).unwrap().target else {
+        panic!("not a clone table")
+    };
+    let target = CloneTarget::open(&spec, None, 512, false).unwrap();
+    let reg = MetricsRegistry::new(1);
+    let source = Arc::new(CloneSource::new(target.shared().clone()));
+    reg.set_source(Some(source.clone()));
+
+    let s = parse_exposition(&reg.render_prometheus());
+    assert_eq!(get(&s, "vhost_clone_regions", &[]), 256.0);
+    assert_eq!(get(&s, "vhost_clone_hydrated_regions", &[]), 0.0);
+    assert_eq!(get(&s, "vhost_clone_region_bytes", &[]), 4096.0);
+    assert_eq!(get(&s, "vhost_clone_hydration_enabled", &[]), 0.0);
+    assert_eq!(get(&s, "vhost_clone_metadata_mode", &[("mode", "rw")]), 1.0);
+
+    target.message(&["enable_hydration"]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while source.gauges().hydrated_regions < 256 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hydration did not finish: {:?}",
+            source.gauges()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = parse_exposition(&reg.render_prometheus());
+    assert_eq!(get(&s, "vhost_clone_hydrated_regions", &[]), 256.0);
+    assert_eq!(get(&s, "vhost_clone_hydration_enabled", &[]), 1.0);
+    assert_eq!(
+        get(&s, "vhost_clone_copied_bytes_total", &[]),
+        f64::from(1u32 << 20)
+    );
+    assert_eq!(get(&s, "vhost_clone_copy_failures_total", &[]), 0.0);
+    target.shutdown();
+    assert!(source.gauges().commits >= 1);
+}
