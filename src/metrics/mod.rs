@@ -69,6 +69,19 @@ impl RequestKind {
     }
 }
 
+impl From<&vhost_user_blk::BlockOp> for RequestKind {
+    fn from(op: &vhost_user_blk::BlockOp) -> Self {
+        use vhost_user_blk::BlockOp;
+        match op {
+            BlockOp::Read { .. } => RequestKind::Read,
+            BlockOp::Write { .. } => RequestKind::Write,
+            BlockOp::Flush => RequestKind::Flush,
+            BlockOp::Discard { .. } => RequestKind::Discard,
+            BlockOp::WriteZeroes { .. } => RequestKind::WriteZeroes,
+        }
+    }
+}
+
 /// Counters and latency histogram of one virtqueue. Aligned to a cache line so that two queues'
 /// workers never write the same line.
 #[repr(align(64))]
@@ -227,6 +240,21 @@ impl MetricsRegistry {
     /// (or the `Arc<MetricsRegistry>` plus its index) once, at setup.
     pub fn queue(&self, idx: usize) -> Option<&QueueMetrics> {
         self.queues.get(idx)
+    }
+
+    /// Record a completed request on queue `queue` (ignored when out of range). Same meaning as
+    /// [`QueueMetrics::record`]; for callers that hold the registry rather than the queue's block.
+    pub fn observe(
+        &self,
+        queue: usize,
+        kind: RequestKind,
+        bytes: u64,
+        latency: Duration,
+        ok: bool,
+    ) {
+        if let Some(q) = self.queues.get(queue) {
+            q.record(kind, bytes, latency, ok);
+        }
     }
 
     /// Number of queues.
@@ -497,6 +525,29 @@ mod tests {
         assert_eq!(bucket_index(u64::MAX), LATENCY_BUCKETS);
         assert_eq!(micros_to_seconds(1), 0.000001);
         assert_eq!(micros_to_seconds(4_194_304), 4.194304);
+    }
+
+    #[test]
+    fn ops_and_observe() {
+        use vhost_user_blk::BlockOp;
+        assert_eq!(
+            RequestKind::from(&BlockOp::Read { sector: 0 }),
+            RequestKind::Read
+        );
+        assert_eq!(RequestKind::from(&BlockOp::Flush), RequestKind::Flush);
+        let op = BlockOp::WriteZeroes {
+            sector: 0,
+            nr_sectors: 8,
+            unmap: true,
+        };
+        assert_eq!(RequestKind::from(&op), RequestKind::WriteZeroes);
+        let reg = MetricsRegistry::new(2);
+        reg.observe(1, RequestKind::Write, 4096, Duration::from_micros(10), true);
+        reg.observe(7, RequestKind::Write, 4096, Duration::from_micros(10), true);
+        let q = reg
+            .queue(1)
+            .map(|q| (q.requests(RequestKind::Write), q.bytes_written()));
+        assert_eq!(q, Some((1, 4096)));
     }
 
     #[test]
