@@ -64,10 +64,14 @@ echo "RESULT mq=$(ls /sys/block/$N/mq | wc -l)"
 echo "RESULT sha256=$(sha256sum < $D | cut -d' ' -f1)"
 {dd}sync
 echo "RESULT written=yes"
+grep -- '-req\.' /proc/interrupts | tr -s ' ' | sed 's/^/IRQ /' || true
 "#
     );
     let out = GuestRun::new(script)
         .vhost_user_queues(&daemon.socket, 2)
+        // virtio-blk uses min(num-queues, nr_cpus) queues: 2 vCPUs so both virtqueues are driven
+        .arg("--smp")
+        .arg("2")
         .timeout(Duration::from_secs(240))
         .run()
         .expect("run-guest");
@@ -91,7 +95,7 @@ echo "RESULT written=yes"
     assert_eq!(
         out.result("mq").as_deref(),
         Some("2"),
-        "the guest should drive 2 virtqueues (blk-mq hw queues)"
+        "the guest should drive 2 virtqueues (blk-mq hw queues; guest has 2 vCPUs)"
     );
     assert_eq!(
         out.result("sha256"),
