@@ -33,14 +33,22 @@ fn yes_pattern(tag: &str, len: usize) -> Vec<u8> {
 /// (hydrated, nr_regions, hydrating) from a dm-clone status line.
 fn counts(line: &str) -> (u64, u64, u64) {
     let f: Vec<&str> = line.split_whitespace().collect();
-    assert!(f.len() > 7 && f[2] == "clone", "not a clone status line: {line:?}");
+    assert!(
+        f.len() > 7 && f[2] == "clone",
+        "not a clone status line: {line:?}"
+    );
     let (h, n) = f[6].split_once('/').expect("hydrated/nr");
-    (h.parse().unwrap(), n.parse().unwrap(), f[7].parse().unwrap())
+    (
+        h.parse().unwrap(),
+        n.parse().unwrap(),
+        f[7].parse().unwrap(),
+    )
 }
 
 #[test]
 fn guest_on_clone_reads_source_keeps_writes_across_restart_and_hydrates() {
-    if !guest::require_guest("guest_on_clone_reads_source_keeps_writes_across_restart_and_hydrates") {
+    if !guest::require_guest("guest_on_clone_reads_source_keeps_writes_across_restart_and_hydrates")
+    {
         return;
     }
     let t0 = Instant::now();

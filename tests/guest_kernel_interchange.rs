@@ -38,7 +38,10 @@ fn yes_pattern(tag: &str, len: usize) -> Vec<u8> {
 /// (used, total, hydrated, nr_regions, hydrating) from a dm-clone status line.
 fn fields(line: &str) -> (u64, u64, u64, u64, u64) {
     let f: Vec<&str> = line.split_whitespace().collect();
-    assert!(f.len() > 7 && f[2] == "clone", "not a clone status line: {line:?}");
+    assert!(
+        f.len() > 7 && f[2] == "clone",
+        "not a clone status line: {line:?}"
+    );
     let (u, t) = f[4].split_once('/').expect("used/total");
     let (h, n) = f[6].split_once('/').expect("hydrated/nr");
     (
@@ -155,7 +158,10 @@ fn ours_to_kernel() {
         if fields(&st).4 == 0 {
             break st;
         }
-        assert!(tw.elapsed() < Duration::from_secs(30), "hydrating stuck: {st}");
+        assert!(
+            tw.elapsed() < Duration::from_secs(30),
+            "hydrating stuck: {st}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let served = read_all(&mut client, SIZE);
@@ -166,7 +172,11 @@ fn ours_to_kernel() {
         served.iter().zip(&expected).position(|(a, b)| a != b)
     );
     let ours_after_read = daemon.ctl_ok(&["status"]);
-    assert_eq!(fields(&ours_after_read).2, fields(&ours).2, "reads hydrated: {ours_after_read}");
+    assert_eq!(
+        fields(&ours_after_read).2,
+        fields(&ours).2,
+        "reads hydrated: {ours_after_read}"
+    );
     assert_eq!(client.flush(0), 0, "flush");
     drop(client);
     let stop = daemon.stop();
@@ -177,7 +187,10 @@ fn ours_to_kernel() {
     let md = CloneMetadata::open(&meta, Some((8, (SIZE / 512) as u64))).expect("open our metadata");
     let (md_h, md_used, md_total) = (md.hydrated_count(), md.used_blocks(), md.total_blocks());
     drop(md);
-    assert_eq!(md_h, our_hydrated, "committed metadata vs last status {ours}");
+    assert_eq!(
+        md_h, our_hydrated,
+        "committed metadata vs last status {ours}"
+    );
     let check = metadata_check(&meta);
     eprintln!(
         "MEASURED ours_to_kernel: our status {ours}; committed: hydrated {md_h}, used/total {md_used}/{md_total}; served sha256 {served_sha}; check: {check}"
@@ -203,7 +216,11 @@ fn ours_to_kernel() {
     assert_eq!(kn, nr, "nr_regions");
     assert_eq!(kh, our_hydrated, "kernel's hydrated count != ours");
     assert_eq!((ku, kt), (md_used, md_total), "kernel's used/total != ours");
-    assert_eq!(fields(&kst).2, our_hydrated, "kernel hydrated more though no_hydration and only reads: {kst}");
+    assert_eq!(
+        fields(&kst).2,
+        our_hydrated,
+        "kernel hydrated more though no_hydration and only reads: {kst}"
+    );
     assert_eq!(
         out.result("sha256"),
         Some(served_sha),
@@ -211,7 +228,10 @@ fn ours_to_kernel() {
     );
     assert_eq!(out.result("removed").as_deref(), Some("yes"));
     metadata_check(&meta);
-    eprintln!("MEASURED ours_to_kernel: total {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "MEASURED ours_to_kernel: total {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -271,7 +291,10 @@ fn kernel_to_ours() {
         out.wall_secs()
     );
     assert_eq!(kn, (SIZE / REGION) as u64);
-    assert_eq!(ksha, expected_sha, "the kernel itself does not read source+writes (test model?)");
+    assert_eq!(
+        ksha, expected_sha,
+        "the kernel itself does not read source+writes (test model?)"
+    );
     assert!(kh >= 16, "writes alone hydrate 16 regions: {kst}");
 
     let check = metadata_check(&meta);
@@ -294,13 +317,25 @@ fn kernel_to_ours() {
         "MEASURED kernel_to_ours: our status on the kernel's files: {ours}; after reading all: {ours_after}; served sha256 {served_sha}; check before: {check}"
     );
     assert!(stop.success(), "daemon exit after SIGTERM: {stop}");
-    assert_eq!(fields(&ours).2, kh, "our hydrated count != kernel's last: ours {ours}, kernel {kst}");
-    assert_eq!(fields(&ours_after).2, kh, "reads hydrated with no_hydration: {ours_after}");
     assert_eq!(
-        served_sha, ksha,
+        fields(&ours).2,
+        kh,
+        "our hydrated count != kernel's last: ours {ours}, kernel {kst}"
+    );
+    assert_eq!(
+        fields(&ours_after).2,
+        kh,
+        "reads hydrated with no_hydration: {ours_after}"
+    );
+    assert_eq!(
+        served_sha,
+        ksha,
         "our daemon serves different bytes than the kernel did (first diff at byte {:?})",
         served.iter().zip(&expected).position(|(a, b)| a != b)
     );
     metadata_check(&meta);
-    eprintln!("MEASURED kernel_to_ours: total {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "MEASURED kernel_to_ours: total {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }

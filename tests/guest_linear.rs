@@ -111,11 +111,7 @@ grep -- '-req\.' /proc/interrupts | tr -s ' ' | sed 's/^/IRQ /' || true
     let now = std::fs::read(&image).expect("read image");
     assert_eq!(now.len(), size, "image size changed");
     if now != expected {
-        let first = now
-            .iter()
-            .zip(&expected)
-            .position(|(a, b)| a != b)
-            .unwrap();
+        let first = now.iter().zip(&expected).position(|(a, b)| a != b).unwrap();
         panic!("host file differs from original+guest writes; first difference at byte {first}");
     }
     eprintln!(

@@ -28,7 +28,10 @@ const REGION_SECTORS: u64 = 8;
 /// (used, total, hydrated, nr_regions, hydrating) from a dm-clone status line.
 fn fields(line: &str) -> (u64, u64, u64, u64, u64) {
     let f: Vec<&str> = line.split_whitespace().collect();
-    assert!(f.len() > 7 && f[2] == "clone", "not a clone status line: {line:?}");
+    assert!(
+        f.len() > 7 && f[2] == "clone",
+        "not a clone status line: {line:?}"
+    );
     let (u, t) = f[4].split_once('/').expect("used/total");
     let (h, n) = f[6].split_once('/').expect("hydrated/nr");
     (
@@ -224,7 +227,10 @@ echo "RESULT removed=yes"
         "{name}: our used/total != kernel's after reload"
     );
     for &r in &ours {
-        assert!(md.is_hydrated(r), "{name}: our region {r} lost by the kernel");
+        assert!(
+            md.is_hydrated(r),
+            "{name}: our region {r} lost by the kernel"
+        );
     }
     let sector_bytes = REGION_SECTORS * 512;
     for &(off, len) in &case.kernel_writes {
@@ -234,6 +240,28 @@ echo "RESULT removed=yes"
                 "{name}: region {r} written by the kernel is not hydrated in its metadata"
             );
         }
+    }
+    if case.random_src && case.target_sectors % REGION_SECTORS != 0 {
+        // the partial last region: the kernel hydrated only its tail sectors, then wrote the last one
+        let tail = case.target_sectors % REGION_SECTORS;
+        let start = (case.target_sectors - tail) * 512;
+        let d = guest::read_at(&dest, start, (tail * 512) as usize).expect("read dest tail");
+        let s = guest::read_at(&src, start, (tail * 512) as usize).expect("read src tail");
+        let n = ((tail - 1) * 512) as usize;
+        assert!(
+            d[..n] == s[..n],
+            "{name}: partial last region not hydrated from the source"
+        );
+        assert!(
+            d[n..].starts_with(format!("GOLD{}\n", (case.target_sectors - 1) * 512).as_bytes()),
+            "{name}: the kernel's write to the last sector is not in the destination"
+        );
+        assert_eq!(
+            std::fs::metadata(&dest).expect("dest").len(),
+            bytes,
+            "{name}: destination grew"
+        );
+        eprintln!("MEASURED gold {name}: last partial region ({tail} sectors) in dest = source + the kernel's write");
     }
     eprintln!(
         "MEASURED gold {name}: total {:.1} s",
@@ -259,10 +287,10 @@ fn gold_partial_last_region() {
             (8000..8100).chain([16383]).collect(),
         ],
         kernel_writes: vec![
-            ((sectors - 1) * 512, 512),       // the partial last region
-            (5000 * 4096, 4096),              // whole region
-            (6000 * 4096 + 1024, 512),        // partial region
-            (12000 * 4096 + 3584, 1024),      // straddles 12000/12001
+            ((sectors - 1) * 512, 512),  // the partial last region
+            (5000 * 4096, 4096),         // whole region
+            (6000 * 4096 + 1024, 512),   // partial region
+            (12000 * 4096 + 3584, 1024), // straddles 12000/12001
         ],
         hydrate_secs: Some("0.3"),
         min_depth: 1,
@@ -295,10 +323,10 @@ fn gold_multilevel_32g() {
             (4_000_000..4_000_064).chain(8_300_000..8_300_100).collect(),
         ],
         kernel_writes: vec![
-            (100 * 4096 + 512, 512),                 // partial, first array block
-            (8_350_000 * 4096, 2 * 4096),            // whole, array block 256 (second leaf)
-            ((nr - 2) * 4096 + 1024, 512),           // partial, region next to the last
-            (2_000_000 * 4096 + 3584, 1024),         // straddles two regions
+            (100 * 4096 + 512, 512),         // partial, first array block
+            (8_350_000 * 4096, 2 * 4096),    // whole, array block 256 (second leaf)
+            ((nr - 2) * 4096 + 1024, 512),   // partial, region next to the last
+            (2_000_000 * 4096 + 3584, 1024), // straddles two regions
         ],
         hydrate_secs: None,
         min_depth: 2,
