@@ -1,7 +1,6 @@
 //! `vhost-clone serve`: build the table's target, start the control socket, serve
 //! vhost-user frontends until SIGTERM/SIGINT, then drain, flush and commit.
 
-use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
@@ -14,6 +13,10 @@ use vhost_user_blk::{DeviceOptions, StopHandle};
 
 use crate::control::{ControlHandler, ControlServer};
 use crate::device::{Device, Target};
+use crate::metrics::{
+    CloneSource, MetricsRegistry, MetricsServer, MetricsServerOptions, MetricsSource,
+};
+use crate::service;
 use crate::table::{LinearSpec, Table, TargetSpec};
 
 /// Everything `serve` needs.
@@ -31,6 +34,24 @@ pub struct ServeOptions {
     pub control: Option<PathBuf>,
     /// Swap to `linear DEST 0` by itself when every region is hydrated.
     pub on_hydrated_linear: bool,
+    /// Write the daemon's pid here (locked; removed at exit).
+    pub pid_file: Option<PathBuf>,
+    /// Serve Prometheus metrics here (`127.0.0.1:PORT`, `[::1]:PORT`, `unix:/path`).
+    pub metrics: Option<String>,
+    /// Allow a metrics address that is not loopback.
+    pub metrics_allow_remote: bool,
+}
+
+/// Metrics of whichever clone target is live.
+struct LiveSource(std::sync::Weak<Device>);
+
+impl MetricsSource for LiveSource {
+    fn render(&self, out: &mut String) {
+        let Some(dev) = self.0.upgrade() else { return };
+        if let Target::Clone(c) = &*dev.live_target() {
+            CloneSource::new(c.shared().clone()).render(out);
+        }
+    }
 }
 
 /// The control socket's view of the daemon.
@@ -140,9 +161,8 @@ fn swap_when_hydrated(dev: &Arc<Device>) -> anyhow::Result<()> {
 
 fn listener(opts: &ServeOptions) -> anyhow::Result<UnixListener> {
     if let Some(fd) = opts.fd {
-        // SAFETY: the operator passed this descriptor to us as a listening unix socket
-        // (`--fd N`); we take ownership of it exactly once, here.
-        return Ok(unsafe { UnixListener::from_raw_fd(fd) });
+        return service::listener_from_fd(fd)
+            .with_context(|| format!("--fd {fd} is not a usable listening unix socket"));
     }
     let path = opts.socket.as_ref().context("give --socket or --fd")?;
     if path.exists() {
@@ -163,6 +183,9 @@ fn signal_thread(stop: StopHandle) -> anyhow::Result<()> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: draining and stopping");
+                if let Err(e) = service::notify_stopping() {
+                    log::warn!("systemd notification: {e}");
+                }
                 stop.stop();
             }
         })
@@ -181,6 +204,23 @@ fn run_device(dev: Arc<Device>, opts: &ServeOptions) -> anyhow::Result<()> {
     if opts.on_hydrated_linear {
         swap_when_hydrated(&dev)?;
     }
+    let registry = Arc::new(MetricsRegistry::new(usize::from(opts.num_queues)));
+    let _metrics = match &opts.metrics {
+        Some(addr) => {
+            registry.set_source(Some(Arc::new(LiveSource(Arc::downgrade(&dev)))));
+            let server = MetricsServer::start_with(
+                addr,
+                registry.clone(),
+                MetricsServerOptions {
+                    allow_non_loopback: opts.metrics_allow_remote,
+                },
+            )
+            .context("starting the metrics endpoint")?;
+            log::info!("metrics on {}", server.endpoint());
+            Some(server)
+        }
+        None => None,
+    };
     let listener = listener(opts)?;
     let stop = StopHandle::new().context("creating the stop event")?;
     signal_thread(stop.clone())?;
@@ -203,7 +243,15 @@ fn run_device(dev: Arc<Device>, opts: &ServeOptions) -> anyhow::Result<()> {
             .as_ref()
             .map_or_else(|| format!("fd {:?}", opts.fd), |p| p.display().to_string())
     );
-    vhost_user_blk::serve(dev, &device, listener, &stop).context("serving vhost-user")?;
+    if let Err(e) = service::notify_ready() {
+        log::warn!("systemd notification: {e}");
+    }
+    let observer: Option<Arc<dyn vhost_user_blk::RequestObserver>> = match opts.metrics {
+        Some(_) => Some(registry),
+        None => None,
+    };
+    vhost_user_blk::serve_observed(dev, &device, listener, &stop, observer)
+        .context("serving vhost-user")?;
     if let Some(path) = &opts.socket {
         let _ = std::fs::remove_file(path);
     }
@@ -212,6 +260,10 @@ fn run_device(dev: Arc<Device>, opts: &ServeOptions) -> anyhow::Result<()> {
 
 /// Run the daemon until it is stopped.
 pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    let _pid_file = match &opts.pid_file {
+        Some(p) => Some(service::PidFile::create(p).context("creating the pid file")?),
+        None => None,
+    };
     let dev = Device::new(opts.table.clone(), opts.read_only, opts.logical_block_size)?;
     let result = run_device(dev.clone(), &opts);
     dev.shutdown();

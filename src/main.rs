@@ -15,8 +15,11 @@ use vhost_clone::table::Table;
 #[derive(Parser, Debug)]
 #[command(name = "vhost-clone", version, about, long_about = None)]
 struct Cli {
+    /// Print the vhost-user backend capabilities (JSON, for libvirt) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,7 +135,7 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "table")]
     table_file: Option<PathBuf>,
     /// Number of virtqueues offered (QEMU asks for one per vCPU and refuses fewer).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     num_queues: u16,
     /// Worker threads the queues are spread over (default: one per CPU core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -156,6 +159,16 @@ struct ServeArgs {
     /// device is closed afterwards).
     #[arg(long, value_name = "TABLE_TYPE", value_parser = ["linear"])]
     on_hydrated: Option<String>,
+    /// Write the daemon's pid to this file (refused if a live daemon holds it; removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// Serve Prometheus metrics: `127.0.0.1:PORT`, `[::1]:PORT`, `localhost:PORT` or
+    /// `unix:/path` (loopback only unless --metrics-allow-remote).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Allow a metrics address that is not loopback.
+    #[arg(long, requires = "metrics")]
+    metrics_allow_remote: bool,
 }
 
 fn parse_table(s: &str) -> Result<Table, String> {
@@ -212,6 +225,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         logical_block_size: args.logical_block_size,
         control: args.control,
         on_hydrated_linear: args.on_hydrated.is_some(),
+        pid_file: args.pid_file,
+        metrics: args.metrics,
+        metrics_allow_remote: args.metrics_allow_remote,
     })
 }
 
@@ -224,7 +240,14 @@ fn control_request(ctl: &ControlArg, words: Vec<String>) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
-    match cli.command {
+    if cli.print_capabilities {
+        println!("{}", vhost_clone::service::capabilities_json());
+        return Ok(true);
+    }
+    let Some(command) = cli.command else {
+        anyhow::bail!("no command given (try --help)");
+    };
+    match command {
         Command::Serve(args) => serve(args)?,
         Command::Status { ctl, json } => {
             let mut words = vec!["status".to_string()];

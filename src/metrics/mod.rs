@@ -473,6 +473,19 @@ impl CloneGauges {
     }
 }
 
+impl vhost_user_blk::RequestObserver for MetricsRegistry {
+    fn completed(
+        &self,
+        queue: usize,
+        op: &vhost_user_blk::BlockOp,
+        bytes: u64,
+        latency: Duration,
+        ok: bool,
+    ) {
+        self.observe(queue, op.into(), bytes, latency, ok);
+    }
+}
+
 /// [`MetricsSource`] for a live `clone` target: reads its shared state (atomics and short locks;
 /// never the metadata lock). Install with `registry.set_source(Some(Arc::new(CloneSource::new(
 /// target.shared().clone()))))`; on a swap to `linear`, `set_source(None)`.
