@@ -241,7 +241,7 @@ echo "RESULT removed=yes"
             );
         }
     }
-    if case.random_src && case.target_sectors % REGION_SECTORS != 0 {
+    if case.random_src && !case.target_sectors.is_multiple_of(REGION_SECTORS) {
         // the partial last region: the kernel hydrated only its tail sectors, then wrote the last one
         let tail = case.target_sectors % REGION_SECTORS;
         let start = (case.target_sectors - tail) * 512;
