@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::daemon::{bin, random_file, scratch, zero_file, Daemon};
+use common::rng::Rng;
 
 const SECTOR: usize = 512;
 const REGION: usize = 4096; // region size 8 sectors
@@ -36,19 +37,6 @@ impl Model {
                 );
             }
         }
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 

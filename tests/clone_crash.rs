@@ -13,6 +13,7 @@ use std::time::Duration;
 use blkio::ReqFlags;
 use common::client::Client;
 use common::daemon::{bin, random_file, scratch, zero_file, Daemon};
+use common::rng::Rng;
 
 const SECTOR: usize = 512;
 const SIZE: usize = 16 << 20;
@@ -93,19 +94,6 @@ impl Model {
             }
             self.pending[s].clear();
         }
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 

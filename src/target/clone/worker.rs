@@ -484,6 +484,24 @@ impl CloneWorker {
         self.shared.wake_hydrator();
     }
 
+    /// Finish what the ring completed, run what other threads posted, push new I/O.
+    fn progress(&mut self) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.ring.reap(&mut scratch);
+        for c in scratch.drain(..) {
+            let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
+            if let Err(e) = c.result {
+                self.fail_sub(idx, BlockError::Io(e));
+            }
+            self.put(idx);
+        }
+        self.scratch = scratch;
+        self.handle_mail();
+        if let Err(e) = self.ring.kick() {
+            log::error!("clone: submitting I/O: {e}");
+        }
+    }
+
     fn handle_mail(&mut self) {
         for item in self.mailbox.take() {
             match item {
@@ -537,18 +555,7 @@ impl BlockWorker for CloneWorker {
     }
 
     fn reap(&mut self, done: &mut Vec<Completion>) {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        self.ring.reap(&mut scratch);
-        for c in scratch.drain(..) {
-            let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
-            if let Err(e) = c.result {
-                self.fail_sub(idx, BlockError::Io(e));
-            }
-            self.put(idx);
-        }
-        self.scratch = scratch;
-        self.handle_mail();
-        self.kick();
+        self.progress();
         done.append(&mut self.ready);
     }
 
@@ -573,18 +580,7 @@ impl BlockWorker for CloneWorker {
                 // SAFETY: one valid pollfd for the duration of the call.
                 unsafe { libc::poll(&mut pfd, 1, 100) };
             }
-            let mut scratch = std::mem::take(&mut self.scratch);
-            self.ring.reap(&mut scratch);
-            for c in scratch.drain(..) {
-                let idx = usize::try_from(c.token).unwrap_or(usize::MAX);
-                if let Err(e) = c.result {
-                    self.fail_sub(idx, BlockError::Io(e));
-                }
-                self.put(idx);
-            }
-            self.scratch = scratch;
-            self.handle_mail();
-            self.kick();
+            self.progress();
         }
     }
 }
