@@ -8,6 +8,5 @@ pub mod metadata;
 pub mod metrics;
 pub mod pdata;
 pub mod service;
-pub mod source;
 pub mod table;
 pub mod target;
