@@ -14,36 +14,10 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{bin, random_file, scratch, zero_file, Daemon};
 use common::guest::{self, GuestRun};
-use sha2::{Digest, Sha256};
+use common::util::{counts, sha256_hex, yes_pattern};
 
 const MIB: usize = 1 << 20;
 const REGION: usize = 4096; // 8 sectors
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn yes_pattern(tag: &str, len: usize) -> Vec<u8> {
-    format!("{tag}\n").bytes().cycle().take(len).collect()
-}
-
-/// (hydrated, nr_regions, hydrating) from a dm-clone status line.
-fn counts(line: &str) -> (u64, u64, u64) {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    assert!(
-        f.len() > 7 && f[2] == "clone",
-        "not a clone status line: {line:?}"
-    );
-    let (h, n) = f[6].split_once('/').expect("hydrated/nr");
-    (
-        h.parse().unwrap(),
-        n.parse().unwrap(),
-        f[7].parse().unwrap(),
-    )
-}
 
 #[test]
 fn guest_on_clone_reads_source_keeps_writes_across_restart_and_hydrates() {

@@ -11,47 +11,17 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::client::Client;
-use common::daemon::{bin, random_file, scratch, zero_file, Daemon};
+use common::daemon::{random_file, scratch, zero_file, Daemon};
 use common::guest::{self, GuestRun};
-use sha2::{Digest, Sha256};
+use common::util::{fields, metadata_check, sha256_hex, yes_pattern};
 use vhost_clone::metadata::CloneMetadata;
 
 const MIB: usize = 1 << 20;
 const REGION: usize = 4096; // 8 sectors
 const SIZE: usize = 32 * MIB;
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn yes_pattern(tag: &str, len: usize) -> Vec<u8> {
-    format!("{tag}\n").bytes().cycle().take(len).collect()
-}
-
-/// (used, total, hydrated, nr_regions, hydrating) from a dm-clone status line.
-fn fields(line: &str) -> (u64, u64, u64, u64, u64) {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    assert!(
-        f.len() > 7 && f[2] == "clone",
-        "not a clone status line: {line:?}"
-    );
-    let (u, t) = f[4].split_once('/').expect("used/total");
-    let (h, n) = f[6].split_once('/').expect("hydrated/nr");
-    (
-        u.parse().unwrap(),
-        t.parse().unwrap(),
-        h.parse().unwrap(),
-        n.parse().unwrap(),
-        f[7].parse().unwrap(),
-    )
-}
 
 /// The whole disk read through our daemon with libblkio (4 MiB requests).
 fn read_all(client: &mut Client, size: usize) -> Vec<u8> {
@@ -67,21 +37,6 @@ fn read_all(client: &mut Client, size: usize) -> Vec<u8> {
         off += n;
     }
     all
-}
-
-fn metadata_check(meta: &std::path::Path) -> String {
-    let check = Command::new(bin())
-        .args(["metadata", "check"])
-        .arg(meta)
-        .output()
-        .expect("metadata check");
-    let out = String::from_utf8_lossy(&check.stdout).trim().to_string();
-    assert!(
-        check.status.success(),
-        "metadata check failed: {out} {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    out
 }
 
 fn kernel_script(writes: &str, hydrate: &str) -> String {

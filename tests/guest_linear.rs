@@ -10,21 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{random_file, scratch, Daemon};
 use common::guest::{self, GuestRun};
-use sha2::{Digest, Sha256};
+use common::util::{sha256_hex, yes_pattern};
 
 const MIB: usize = 1 << 20;
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// What `yes TAG | head -c LEN` prints.
-fn yes_pattern(tag: &str, len: usize) -> Vec<u8> {
-    format!("{tag}\n").bytes().cycle().take(len).collect()
-}
 
 #[test]
 fn guest_reads_and_writes_linear_over_vhost_user_two_queues() {

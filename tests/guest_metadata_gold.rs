@@ -15,52 +15,19 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::daemon::{bin, random_file, scratch};
+use common::daemon::{random_file, scratch};
 use common::guest::{self, GuestRun};
+use common::util::{fields, metadata_check};
 use vhost_clone::metadata::CloneMetadata;
 
 const MIB: u64 = 1 << 20;
 const REGION_SECTORS: u64 = 8;
 
-/// (used, total, hydrated, nr_regions, hydrating) from a dm-clone status line.
-fn fields(line: &str) -> (u64, u64, u64, u64, u64) {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    assert!(
-        f.len() > 7 && f[2] == "clone",
-        "not a clone status line: {line:?}"
-    );
-    let (u, t) = f[4].split_once('/').expect("used/total");
-    let (h, n) = f[6].split_once('/').expect("hydrated/nr");
-    (
-        u.parse().unwrap(),
-        t.parse().unwrap(),
-        h.parse().unwrap(),
-        n.parse().unwrap(),
-        f[7].parse().unwrap(),
-    )
-}
-
 fn sparse(path: &Path, len: u64) {
     let f = std::fs::File::create(path).expect("create");
     f.set_len(len).expect("set_len");
-}
-
-fn metadata_check(meta: &Path) -> String {
-    let check = Command::new(bin())
-        .args(["metadata", "check"])
-        .arg(meta)
-        .output()
-        .expect("metadata check");
-    let out = String::from_utf8_lossy(&check.stdout).trim().to_string();
-    assert!(
-        check.status.success(),
-        "metadata check failed: {out} {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    out
 }
 
 struct Case<'a> {

@@ -5,3 +5,4 @@ pub mod client;
 pub mod daemon;
 pub mod guest;
 pub mod rng;
+pub mod util;
