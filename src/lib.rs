@@ -1,6 +1,7 @@
 //! vhost-clone: a vhost-user-blk backend serving dm-style tables (`linear`, `clone`).
 
 pub mod control;
+pub mod daemon;
 pub mod io;
 pub mod metadata;
 pub mod pdata;

@@ -133,8 +133,14 @@ mod tests {
 
     #[test]
     fn bad_lengths_refused() {
-        assert_eq!(AlignedBuf::new(0).unwrap_err(), AlignedBufError::BadLength(0));
-        assert_eq!(AlignedBuf::new(513).unwrap_err(), AlignedBufError::BadLength(513));
+        assert_eq!(
+            AlignedBuf::new(0).unwrap_err(),
+            AlignedBufError::BadLength(0)
+        );
+        assert_eq!(
+            AlignedBuf::new(513).unwrap_err(),
+            AlignedBufError::BadLength(513)
+        );
         assert_eq!(AlignedBuf::with_min_len(1).unwrap().len(), 512);
         assert_eq!(AlignedBuf::with_min_len(0).unwrap().len(), 512);
         assert_eq!(AlignedBuf::with_min_len(1025).unwrap().len(), 1536);

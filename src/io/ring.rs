@@ -28,7 +28,9 @@ const ZERO_IOVS: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
     /// io_uring_setup failed (kernel too old, io_uring disabled by sysctl or seccomp, RLIMIT_MEMLOCK).
-    #[error("cannot create an io_uring with {entries} entries (is io_uring allowed here?): {source}")]
+    #[error(
+        "cannot create an io_uring with {entries} entries (is io_uring allowed here?): {source}"
+    )]
     Setup { entries: u32, source: io::Error },
     /// eventfd(2) failed.
     #[error("cannot create the completion eventfd: {0}")]
@@ -512,11 +514,8 @@ impl Ring {
         let mut resubmitted = false;
         loop {
             self.cqes.clear();
-            self.cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result())),
-            );
+            self.cqes
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if self.cqes.is_empty() {
                 break;
             }

@@ -33,7 +33,7 @@ pub enum CloneError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot open the {role} device: {0}")]
+    #[error("cannot open the {0} device: {1}")]
     OpenDirect(&'static str, #[source] crate::io::OpenError),
     #[error("the source {path} is empty (0 sectors)")]
     EmptySource { path: PathBuf },
@@ -200,7 +200,9 @@ impl Shared {
                 .dest_buffered
                 .sync_data()
                 .map_err(|e| format!("flushing the destination: {e}"))
-                .and(Err("metadata is read-only after an earlier error".to_string()));
+                .and(Err(
+                    "metadata is read-only after an earlier error".to_string()
+                ));
         }
         let words = self.map.take_dirty();
         if let Err(e) = self.dest_buffered.sync_data() {
@@ -302,7 +304,8 @@ impl CloneTarget {
         logical_block_size: u32,
         read_only: bool,
     ) -> Result<Arc<Self>, CloneError> {
-        let source = ReadOnlyFile::open(&spec.source).map_err(|e| CloneError::OpenDirect("source", e))?;
+        let source =
+            ReadOnlyFile::open(&spec.source).map_err(|e| CloneError::OpenDirect("source", e))?;
         let source_buffered = buffered(&spec.source, false, "source")?;
         let dest = ReadWriteFile::open(&spec.destination)
             .map_err(|e| CloneError::OpenDirect("destination", e))?;

@@ -40,7 +40,8 @@ pub fn slice_iovecs(bufs: &[GuestBuf], start: usize, len: usize) -> Option<Vec<l
 
 /// Total length of the guest buffers.
 pub fn total_len(bufs: &[GuestBuf]) -> Option<usize> {
-    bufs.iter().try_fold(0usize, |acc, b| acc.checked_add(b.len))
+    bufs.iter()
+        .try_fold(0usize, |acc, b| acc.checked_add(b.len))
 }
 
 /// A file with its direct and buffered descriptors.

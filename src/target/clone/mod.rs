@@ -28,3 +28,10 @@ pub use region_locks::{Admit, RegionLocks, RegionState};
 pub use region_map::{RegionMap, RegionMapError};
 pub use scheduler::{Batch, BatchKind, Scheduler, SchedulerConfig, SchedulerError};
 pub use status::{CloneStatus, HydrationState, StatusJson};
+
+pub mod engine;
+pub mod guest_io;
+pub mod hydrator;
+pub mod worker;
+
+pub use engine::{CloneError, CloneTarget};

@@ -1,0 +1,338 @@
+//! The hydration thread: an epoll-style loop (poll on the ring's eventfd and a wake
+//! eventfd) that copies regions from the source to the destination with O_DIRECT
+//! through aligned buffers, up to `hydration_threshold` regions in flight in batches of
+//! up to `hydration_batch_size` contiguous regions; it also owns every metadata commit
+//! (guest flushes and the one-second timer) and announces completion.
+
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost_user_blk::SECTOR_SIZE;
+
+use super::engine::{lock, MailItem, Shared};
+use super::{BatchKind, Event, MetadataMode};
+use crate::io::{AlignedBuf, EofPolicy, Ring, RingCompletion};
+
+/// Largest single read/write of a copy; bigger batches are copied in pieces.
+const CHUNK_BYTES: u64 = 4 << 20;
+/// Commit at least this often while anything changed (dm-clone: every second).
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+const RING_ENTRIES: u32 = 128;
+
+enum Phase {
+    Reading,
+    Writing,
+}
+
+struct CopyJob {
+    regions: Range<u64>,
+    kind: BatchKind,
+    /// Next byte to copy and the end of the batch, on both devices.
+    pos: u64,
+    end: u64,
+    chunk: u64,
+    phase: Phase,
+}
+
+struct Hydrator {
+    s: Arc<Shared>,
+    ring: Ring,
+    jobs: Vec<Option<CopyJob>>,
+    spare: Vec<AlignedBuf>,
+    last_commit: Instant,
+}
+
+/// Entry point of the thread.
+pub fn run(s: Arc<Shared>) {
+    let ring = match Ring::new(RING_ENTRIES) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("hydration thread: cannot create an io_uring: {e}; hydration disabled");
+            s.set_mode(MetadataMode::Ro);
+            return;
+        }
+    };
+    let mut h = Hydrator {
+        s,
+        ring,
+        jobs: Vec::new(),
+        spare: Vec::new(),
+        last_commit: Instant::now(),
+    };
+    h.run();
+}
+
+impl Hydrator {
+    fn active(&self) -> usize {
+        self.jobs.iter().filter(|j| j.is_some()).count()
+    }
+
+    fn run(&mut self) {
+        let mut completions: Vec<RingCompletion> = Vec::new();
+        loop {
+            let stopping = self.s.stop.load(Ordering::SeqCst);
+            if stopping && self.active() == 0 {
+                break;
+            }
+            if !stopping && self.s.mode() == MetadataMode::Rw {
+                while let Some(batch) = self.s.sched.next_batch(&self.s.map, &self.s.locks) {
+                    self.start_job(batch.regions, batch.kind);
+                }
+            }
+            if let Err(e) = self.ring.kick() {
+                log::error!("hydration: submitting copies: {e}");
+            }
+            self.serve_flushes();
+            if self.s.map.is_dirty() && self.last_commit.elapsed() >= COMMIT_INTERVAL {
+                self.commit();
+            }
+            self.check_complete();
+            self.wait();
+            self.ring.reap(&mut completions);
+            for c in completions.drain(..) {
+                self.on_completion(c);
+            }
+        }
+        self.serve_flushes();
+    }
+
+    fn wait(&self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.ring.event_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.s.hydrator_wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout_ms = if self.s.map.is_dirty() {
+            let left = COMMIT_INTERVAL.saturating_sub(self.last_commit.elapsed());
+            i32::try_from(left.as_millis()).unwrap_or(1000).max(1)
+        } else {
+            1000
+        };
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        let _ = self.s.hydrator_wake.read();
+    }
+
+    fn commit(&mut self) {
+        self.last_commit = Instant::now();
+        if let Err(e) = self.s.commit() {
+            log::error!("clone: {e}");
+        }
+    }
+
+    fn serve_flushes(&mut self) {
+        let waiting = std::mem::take(&mut *lock(&self.s.flushes));
+        if waiting.is_empty() {
+            return;
+        }
+        self.last_commit = Instant::now();
+        let result = self.s.commit();
+        for (mailbox, tag) in waiting {
+            mailbox.post(MailItem::FlushDone(tag, result.clone()));
+        }
+    }
+
+    fn check_complete(&mut self) {
+        if !self.s.map.all_hydrated() || self.s.complete_announced.load(Ordering::SeqCst) {
+            return;
+        }
+        self.commit();
+        if !self.s.map.is_dirty() && self.s.mode() == MetadataMode::Rw {
+            self.s.complete_announced.store(true, Ordering::SeqCst);
+            log::info!("clone: every region is hydrated");
+            self.s.events.publish(&Event::HydrationComplete);
+        }
+    }
+
+    fn byte_range(&self, regions: &Range<u64>) -> (u64, u64) {
+        let rs = self.s.geo.region_sectors();
+        let start = regions.start.saturating_mul(rs).saturating_mul(SECTOR_SIZE);
+        let end = regions
+            .end
+            .saturating_mul(rs)
+            .min(self.s.len)
+            .saturating_mul(SECTOR_SIZE);
+        (start, end)
+    }
+
+    fn start_job(&mut self, regions: Range<u64>, kind: BatchKind) {
+        let (pos, end) = self.byte_range(&regions);
+        let job = CopyJob {
+            regions,
+            kind,
+            pos,
+            end,
+            chunk: 0,
+            phase: Phase::Reading,
+        };
+        let slot = match self.jobs.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.jobs.push(None);
+                self.jobs.len() - 1
+            }
+        };
+        if let Some(s) = self.jobs.get_mut(slot) {
+            *s = Some(job);
+        }
+        self.read_chunk(slot);
+    }
+
+    fn buffer(&mut self, len: usize) -> Result<AlignedBuf, String> {
+        match self.spare.pop() {
+            Some(b) if b.len() >= len => Ok(b),
+            _ => {
+                AlignedBuf::with_min_len(len).map_err(|e| format!("allocating a copy buffer: {e}"))
+            }
+        }
+    }
+
+    fn read_chunk(&mut self, slot: usize) {
+        let Some(Some(job)) = self.jobs.get_mut(slot) else {
+            return;
+        };
+        job.chunk = (job.end - job.pos).min(CHUNK_BYTES);
+        job.phase = Phase::Reading;
+        let (pos, chunk) = (job.pos, job.chunk);
+        let len = chunk as usize;
+        let buf = match self.buffer(len) {
+            Ok(b) => b,
+            Err(e) => return self.finish(slot, Err(e)),
+        };
+        let s = self.s.clone();
+        let direct = s.source.align().fits(buf.as_ptr() as usize, len, pos);
+        let result = if direct {
+            self.ring
+                .submit_read_buf(&s.source, pos, buf, len, EofPolicy::Error, slot as u64)
+        } else {
+            self.ring.submit_read_buf(
+                &s.source_buffered,
+                pos,
+                buf,
+                len,
+                EofPolicy::Error,
+                slot as u64,
+            )
+        };
+        if let Err(e) = result {
+            self.finish(slot, Err(format!("reading the source: {e}")));
+        }
+    }
+
+    fn write_chunk(&mut self, slot: usize, buf: AlignedBuf) {
+        let Some(Some(job)) = self.jobs.get_mut(slot) else {
+            return;
+        };
+        job.phase = Phase::Writing;
+        let (pos, len) = (job.pos, job.chunk as usize);
+        let s = self.s.clone();
+        let direct = s.dest.align().fits(buf.as_ptr() as usize, len, pos);
+        let result = if direct {
+            self.ring
+                .submit_write_buf(&s.dest, pos, buf, len, slot as u64)
+        } else {
+            self.ring
+                .submit_write_buf(&BufferedDest(&s.dest_buffered), pos, buf, len, slot as u64)
+        };
+        if let Err(e) = result {
+            self.finish(slot, Err(format!("writing the destination: {e}")));
+        }
+    }
+
+    fn on_completion(&mut self, c: RingCompletion) {
+        let slot = usize::try_from(c.token).unwrap_or(usize::MAX);
+        let Some(Some(job)) = self.jobs.get_mut(slot) else {
+            log::error!("hydration: completion for unknown copy {}", c.token);
+            return;
+        };
+        let reading = matches!(job.phase, Phase::Reading);
+        let what = if reading {
+            "reading the source"
+        } else {
+            "writing the destination"
+        };
+        match (c.result, c.buf) {
+            (Ok(_), Some(buf)) if reading => self.write_chunk(slot, buf),
+            (Ok(_), buf) => {
+                self.spare.extend(buf);
+                job.pos += job.chunk;
+                self.s.copied_bytes.fetch_add(job.chunk, Ordering::Relaxed);
+                if job.pos >= job.end {
+                    self.finish(slot, Ok(()));
+                } else {
+                    self.read_chunk(slot);
+                }
+            }
+            (Err(e), buf) => {
+                self.spare.extend(buf);
+                self.finish(slot, Err(format!("{what}: {e}")));
+            }
+        }
+    }
+
+    fn finish(&mut self, slot: usize, result: Result<(), String>) {
+        let Some(job) = self.jobs.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        let s = &self.s;
+        let n = job.regions.end - job.regions.start;
+        match &result {
+            Ok(()) => {
+                s.map.mark_range(job.regions.clone());
+                s.copied_regions.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                log::warn!(
+                    "hydration: copy of regions {}..{} ({:?}) failed: {e}",
+                    job.regions.start,
+                    job.regions.end,
+                    job.kind
+                );
+                s.events.publish(&Event::RegionError {
+                    region: job.regions.start,
+                    error: e.clone(),
+                });
+            }
+        }
+        for r in job.regions.clone() {
+            for w in s.locks.finish_copy(r) {
+                let item = match &result {
+                    Ok(()) => MailItem::Resume(w.req),
+                    Err(e) => MailItem::Fail(w.req, format!("hydrating region {r}: {e}")),
+                };
+                w.mailbox.post(item);
+            }
+        }
+        s.sched.copy_done(n);
+        match result {
+            Ok(()) => s.sched.copy_succeeded(),
+            Err(e) => {
+                if let Some(event) = s.sched.copy_failed(&e) {
+                    log::error!("hydration stopped: {event:?}");
+                    s.events.publish(&event);
+                }
+            }
+        }
+    }
+}
+
+/// The destination's buffered descriptor, writable by the ring.
+struct BufferedDest<'a>(&'a std::fs::File);
+
+impl AsRawFd for BufferedDest<'_> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl crate::io::WritableFd for BufferedDest<'_> {}
