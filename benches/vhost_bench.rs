@@ -113,7 +113,7 @@ fn parse_args() -> Result<Opts, String> {
         return Err("--qd and --queues must be >= 1".into());
     }
     if o.qd > o.queue_size as usize {
-        o.queue_size = (o.qd as i32).next_power_of_two();
+        o.queue_size = (o.qd as u32).next_power_of_two() as i32;
     }
     Ok(o)
 }
