@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,10 @@ import time
 
 GiB = 1 << 30
 MiB = 1 << 20
+# Metadata for the 64 GiB / 4 KiB-region clone: ~524 blocks are needed. Keep it below 16320
+# blocks (one space-map bitmap block): the daemon at 8bbba76 rejects a metadata device of
+# 64 MiB ("space-map bitmap block 4: self-location field says block 0").
+META64 = 32 * MiB
 
 WORKLOADS = [
     # name, pattern, bs, qd
@@ -95,13 +98,8 @@ class Server:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} "
                                    f"(see {self.logpath})")
             if os.path.exists(self.sock) and (not self.ctrl or os.path.exists(self.ctrl)):
-                try:
-                    s = socket.socket(socket.AF_UNIX)
-                    s.close()
-                    time.sleep(0.1)
-                    return self
-                except OSError:
-                    pass
+                time.sleep(0.1)
+                return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"{self.name}: socket {self.sock} did not appear")
@@ -321,7 +319,7 @@ class Bench:
         if not self.have_daemon:
             hy["clone"] = "n/a (daemon not built)"
             return
-        settings = [(64, 16)] if self.a.quick else [(64, 16), (256, 64), (1024, 256)]
+        settings = [(64, 16)] if self.a.quick else [(64, 16), (256, 64)]
         per = {}
         best = None
         for thr, batch in settings:
@@ -421,7 +419,7 @@ class Bench:
         size = 64 * GiB
         src = self.p("src64.raw")
         self.make_src64(src, size)
-        meta, dest = self.fresh_clone_files("cost", size=size, meta_size=64 * MiB)
+        meta, dest = self.fresh_clone_files("cost", size=size, meta_size=META64)
         s = self.clone_server("cost", meta, dest, src).start()
         try:
             self.message(s.ctrl, "hydration_threshold", thr)
@@ -473,7 +471,7 @@ class Bench:
         size = 64 * GiB
         src = self.p("src64.raw")
         self.make_src64(src, size)
-        meta, dest = self.fresh_clone_files("mem", size=size, meta_size=64 * MiB)
+        meta, dest = self.fresh_clone_files("mem", size=size, meta_size=META64)
         s = self.clone_server("mem", meta, dest, src).start()
         samples = []
 
@@ -580,9 +578,9 @@ class Bench:
             L.append("|---|---|")
             for t in ("dd", "qemu-img convert"):
                 if t in hy:
-                    L.append(f"| {t} (`-t none -T none` / `iflag=direct oflag=direct bs=4M`) "
-                             f"| {hy[t]['median_s']:.2f} |" if t == "dd" else
-                             f"| {t} -t none -T none | {hy[t]['median_s']:.2f} |")
+                    how = ("iflag=direct oflag=direct bs=4M" if t == "dd"
+                           else "-t none -T none -O raw")
+                    L.append(f"| {t} {how} | {hy[t]['median_s']:.2f} |")
             if isinstance(hy.get("clone"), dict):
                 for st, v in hy["clone"].items():
                     L.append(f"| vhost-clone clone, {st} (4 KiB regions) | {v['median_s']:.2f} |")
@@ -647,14 +645,12 @@ def main():
     b.setup()
     phases = a.phases.split(",")
     try:
-        if "hydration" in phases:
-            b.phase_hydration()
-        if "matrix" in phases:
-            b.phase_matrix()
-        if "cost" in phases:
-            b.phase_cost()
-        if "memory" in phases:
-            b.phase_memory()
+        for ph in ("hydration", "matrix", "cost", "memory"):
+            if ph in phases:
+                try:
+                    getattr(b, "phase_" + ph)()
+                except Exception as e:  # noqa: BLE001
+                    b.note(f"phase {ph} failed: {e}")
     finally:
         b.stop_all()
         b.report()
