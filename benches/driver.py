@@ -637,7 +637,7 @@ def main():
     ap.add_argument("--mem-secs", type=float, default=10)
     a = ap.parse_args()
     if a.quick:
-        a.runs, a.runtime, a.ramp, a.mem_secs, a.hydration_timeout = 1, 1.0, 0.3, 3, 60
+        a.runs, a.runtime, a.ramp, a.mem_secs, a.hydration_timeout = 1, 0.8, 0.2, 2, 60
     a.servers = a.servers.split(",")
     a.daemon = os.path.abspath(a.daemon)
     b = Bench(a)
