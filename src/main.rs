@@ -15,8 +15,11 @@ use vhost_clone::table::Table;
 #[derive(Parser, Debug)]
 #[command(name = "vhost-clone", version, about, long_about = None)]
 struct Cli {
+    /// Print the vhost-user backend capabilities (JSON, for libvirt) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,8 +48,33 @@ enum Command {
         #[command(flatten)]
         ctl: ControlArg,
     },
-    /// Show the live table.
+    /// Show the live table (dm table syntax).
     Table {
+        #[command(flatten)]
+        ctl: ControlArg,
+        /// Print the dmsetup table line that reproduces the live state on the host's
+        /// device mapper (`clone` while hydrating, `linear` on the destination when done).
+        #[arg(long)]
+        dmsetup: bool,
+        /// Show the loaded (inactive) table instead.
+        #[arg(long, conflicts_with = "dmsetup")]
+        loaded: bool,
+    },
+    /// Load a table beside the live one; it becomes live at the next `resume`.
+    Load {
+        #[command(flatten)]
+        ctl: ControlArg,
+        /// The new table (same length as the live one), e.g. `linear DEST 0`.
+        #[arg(long, value_name = "TABLE", value_parser = parse_table)]
+        table: Table,
+    },
+    /// Hold new guest requests and wait for in-flight ones to drain (metadata committed).
+    Suspend {
+        #[command(flatten)]
+        ctl: ControlArg,
+    },
+    /// Make the loaded table live (if any) and release held requests.
+    Resume {
         #[command(flatten)]
         ctl: ControlArg,
     },
@@ -107,7 +135,7 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "table")]
     table_file: Option<PathBuf>,
     /// Number of virtqueues offered (QEMU asks for one per vCPU and refuses fewer).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     num_queues: u16,
     /// Worker threads the queues are spread over (default: one per CPU core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -127,6 +155,20 @@ struct ServeArgs {
     /// Control socket (mode 0600) for status, messages, events and tables.
     #[arg(long, value_name = "CTRL")]
     control: Option<PathBuf>,
+    /// When every region is hydrated, switch to `linear DEST 0` by itself (the metadata
+    /// device is closed afterwards).
+    #[arg(long, value_name = "TABLE_TYPE", value_parser = ["linear"])]
+    on_hydrated: Option<String>,
+    /// Write the daemon's pid to this file (refused if a live daemon holds it; removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// Serve Prometheus metrics: `127.0.0.1:PORT`, `[::1]:PORT`, `localhost:PORT` or
+    /// `unix:/path` (loopback only unless --metrics-allow-remote).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Allow a metrics address that is not loopback.
+    #[arg(long, requires = "metrics")]
+    metrics_allow_remote: bool,
 }
 
 fn parse_table(s: &str) -> Result<Table, String> {
@@ -182,6 +224,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         serial: args.serial,
         logical_block_size: args.logical_block_size,
         control: args.control,
+        on_hydrated_linear: args.on_hydrated.is_some(),
+        pid_file: args.pid_file,
+        metrics: args.metrics,
+        metrics_allow_remote: args.metrics_allow_remote,
     })
 }
 
@@ -194,7 +240,14 @@ fn control_request(ctl: &ControlArg, words: Vec<String>) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
-    match cli.command {
+    if cli.print_capabilities {
+        println!("{}", vhost_clone::service::capabilities_json());
+        return Ok(true);
+    }
+    let Some(command) = cli.command else {
+        anyhow::bail!("no command given (try --help)");
+    };
+    match command {
         Command::Serve(args) => serve(args)?,
         Command::Status { ctl, json } => {
             let mut words = vec!["status".to_string()];
@@ -212,7 +265,25 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("{line}");
             true
         })?,
-        Command::Table { ctl } => control_request(&ctl, vec!["table".into()])?,
+        Command::Table {
+            ctl,
+            dmsetup,
+            loaded,
+        } => {
+            let mut words = vec!["table".to_string()];
+            if dmsetup {
+                words.push("--dmsetup".into());
+            }
+            if loaded {
+                words.push("--loaded".into());
+            }
+            control_request(&ctl, words)?
+        }
+        Command::Load { ctl, table } => {
+            control_request(&ctl, vec!["load".into(), table.to_line()])?
+        }
+        Command::Suspend { ctl } => control_request(&ctl, vec!["suspend".into()])?,
+        Command::Resume { ctl } => control_request(&ctl, vec!["resume".into()])?,
         Command::Metadata(MetadataCommand::Format {
             region_size,
             target_size,
@@ -220,7 +291,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }) => println!("{}", mdtool::format_cmd(&meta, region_size, target_size)?),
         Command::Metadata(MetadataCommand::Check { meta }) => {
             let report = mdtool::check_cmd(&meta)?;
-            print!("{report}");
+            println!("{}", report.to_string().trim_end());
             return Ok(report.problems.is_empty());
         }
         Command::Metadata(MetadataCommand::Dump { meta, json }) => {

@@ -187,6 +187,14 @@ impl Table {
         Ok(Table { len, target })
     }
 
+    /// The line as given: with `0 LEN` when the length is known.
+    pub fn to_line(&self) -> String {
+        match self.len {
+            Some(len) => self.to_dm_line(len),
+            None => self.target.to_string(),
+        }
+    }
+
     /// The dm table line for a resolved length: `0 LEN <target> <args>`.
     pub fn to_dm_line(&self, len: u64) -> String {
         format!("0 {len} {}", self.target)

@@ -1,11 +1,14 @@
 //! Status lines of the `clone` core reproduce the kernel's, taken from the fixtures in
-//! `/work/shared/fixtures/kernel-dm-clone/*.txt` (embedded here; cross-checked against the files when present).
+//! `tests/fixtures/kernel-dm-clone/*.txt` (embedded here and cross-checked against the files).
 
 use vhost_clone::target::clone::{
     CloneStatus, MetadataMode, RegionLocks, RegionMap, Scheduler, SchedulerConfig,
 };
 
-const FIXTURES: &str = "/work/shared/fixtures/kernel-dm-clone";
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/kernel-dm-clone"
+);
 
 struct Dev {
     len: u64,
@@ -71,12 +74,11 @@ fn fixture_lines(name: &str) -> Option<Vec<String>> {
 
 fn check(fixture: &str, got: &str, expected: &str) {
     assert_eq!(got, expected);
-    if let Some(lines) = fixture_lines(fixture) {
-        assert!(
-            lines.iter().any(|l| l == expected),
-            "{expected:?} not in fixture {fixture}"
-        );
-    }
+    let lines = fixture_lines(fixture).expect("the fixture's provenance text is in tests/fixtures");
+    assert!(
+        lines.iter().any(|l| l == expected),
+        "{expected:?} not in fixture {fixture}"
+    );
 }
 
 #[test]

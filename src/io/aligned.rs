@@ -36,7 +36,7 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// Allocate a zeroed buffer of `len` bytes.
     pub fn new(len: usize) -> Result<Self, AlignedBufError> {
-        if len == 0 || len % BUF_LEN_MULTIPLE != 0 {
+        if len == 0 || !len.is_multiple_of(BUF_LEN_MULTIPLE) {
             return Err(AlignedBufError::BadLength(len));
         }
         let layout = Self::layout(len)?;

@@ -45,7 +45,9 @@ impl DioAlign {
     pub fn fits(&self, addr: usize, len: usize, offset: u64) -> bool {
         let mem = usize::try_from(self.mem).unwrap_or(usize::MAX);
         let off = usize::try_from(self.offset).unwrap_or(usize::MAX);
-        addr % mem == 0 && len % off == 0 && offset % u64::from(self.offset) == 0
+        addr.is_multiple_of(mem)
+            && len.is_multiple_of(off)
+            && offset.is_multiple_of(u64::from(self.offset))
     }
 }
 
@@ -89,16 +91,17 @@ struct Handle {
 }
 
 impl Handle {
-    fn open(path: &Path, writable: bool) -> Result<Self, OpenError> {
+    fn open(path: &Path, writable: bool, try_direct: bool) -> Result<Self, OpenError> {
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(writable);
             o.custom_flags(if direct { libc::O_DIRECT } else { 0 } | libc::O_CLOEXEC);
             o.open(path)
         };
-        let (file, direct) = match open(true) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        let first = if try_direct { open(true) } else { open(false) };
+        let (file, direct) = match first {
+            Ok(f) => (f, try_direct),
+            Err(e) if try_direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 log::warn!(
                     "{}: the filesystem refuses O_DIRECT; falling back to buffered I/O \
                      (page cache in use, slower and double-cached)",
@@ -243,11 +246,26 @@ macro_rules! common_accessors {
     };
 }
 
-/// A file or block device opened `O_RDONLY | O_DIRECT`. It has no write methods.
+/// A file or block device opened `O_RDONLY | O_DIRECT`. It has no write methods, and the
+/// ring's write, fsync and fallocate submissions do not accept it:
+///
+/// ```compile_fail
+/// # use vhost_clone::io::{AlignedBuf, ReadOnlyFile, Ring};
+/// fn write_the_source(src: &ReadOnlyFile, ring: &mut Ring, buf: AlignedBuf) {
+///     let _ = ring.submit_write_buf(src, 0, buf, 512, 0); // ReadOnlyFile is not WritableFd
+/// }
+/// ```
 #[derive(Debug)]
 pub struct ReadOnlyFile(Handle);
 
 /// A file or block device opened `O_RDWR | O_DIRECT`.
+///
+/// ```no_run
+/// # use vhost_clone::io::{AlignedBuf, ReadWriteFile, Ring};
+/// fn write_the_destination(dst: &ReadWriteFile, ring: &mut Ring, buf: AlignedBuf) {
+///     let _ = ring.submit_write_buf(dst, 0, buf, 512, 0);
+/// }
+/// ```
 #[derive(Debug)]
 pub struct ReadWriteFile(Handle);
 
@@ -259,14 +277,24 @@ impl WritableFd for ReadWriteFile {}
 impl ReadOnlyFile {
     /// Open `path` read-only for direct I/O (buffered if the filesystem refuses O_DIRECT).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        Handle::open(path.as_ref(), false).map(Self)
+        Handle::open(path.as_ref(), false, true).map(Self)
+    }
+
+    /// Open `path` read-only through the page cache (no `O_DIRECT`).
+    pub fn open_buffered(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Handle::open(path.as_ref(), false, false).map(Self)
     }
 }
 
 impl ReadWriteFile {
     /// Open `path` read-write for direct I/O (buffered if the filesystem refuses O_DIRECT).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        Handle::open(path.as_ref(), true).map(Self)
+        Handle::open(path.as_ref(), true, true).map(Self)
+    }
+
+    /// Open `path` read-write through the page cache (no `O_DIRECT`; flushes still fsync).
+    pub fn open_buffered(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Handle::open(path.as_ref(), true, false).map(Self)
     }
 
     /// BLKDISCARD `len` bytes at `offset` (block devices only). Synchronous: the kernel has

@@ -215,8 +215,24 @@ unsafe impl Send for Ring {}
 
 impl Ring {
     /// Create a ring with `entries` SQ entries and a registered non-blocking eventfd.
+    /// The completion queue is twice as large; more completions than that in flight are
+    /// kept by the kernel (IORING_FEAT_NODROP) and flushed by `reap`.
     pub fn new(entries: u32) -> Result<Self, RingError> {
         let ring = IoUring::new(entries).map_err(|source| RingError::Setup { entries, source })?;
+        Self::with_ring(ring)
+    }
+
+    /// Like [`Ring::new`] with an explicit completion queue size (at least `entries`), for
+    /// callers that keep many more operations in flight than they submit per batch.
+    pub fn with_cq_size(entries: u32, cq_entries: u32) -> Result<Self, RingError> {
+        let ring = IoUring::builder()
+            .setup_cqsize(cq_entries.max(entries))
+            .build(entries)
+            .map_err(|source| RingError::Setup { entries, source })?;
+        Self::with_ring(ring)
+    }
+
+    fn with_ring(ring: IoUring) -> Result<Self, RingError> {
         let eventfd = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingError::EventFd)?;
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
@@ -517,6 +533,17 @@ impl Ring {
             self.cqes
                 .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if self.cqes.is_empty() {
+                // Completions the kernel kept aside while the CQ was full (IORING_FEAT_NODROP)
+                // only come back through io_uring_enter; they do not signal the eventfd again.
+                if self.ring.submission().cq_overflow() {
+                    if let Err(e) = self.enter(0) {
+                        log::error!("flushing overflowed completions: {e}");
+                        break;
+                    }
+                    if !self.ring.completion().is_empty() {
+                        continue;
+                    }
+                }
                 break;
             }
             let cqes = std::mem::take(&mut self.cqes);

@@ -138,3 +138,17 @@ pub trait BlockWorker: Send + 'static {
     /// shutdown); completions stay available to `reap`.
     fn drain(&mut self);
 }
+
+/// Told about every request the backend completed (for metrics). Called on the queue's
+/// worker thread: keep it cheap and lock-free.
+pub trait RequestObserver: Send + Sync + 'static {
+    /// `queue` is the global queue index; `bytes` the data length of reads and writes.
+    fn completed(
+        &self,
+        queue: usize,
+        op: &BlockOp,
+        bytes: u64,
+        latency: std::time::Duration,
+        ok: bool,
+    );
+}

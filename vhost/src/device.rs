@@ -1,12 +1,13 @@
 //! The virtio-blk device: `VhostUserBackend` (the `&self` flavour) with per-thread state.
 //!
-//! Each vring worker thread owns a [`ThreadState`] (its [`BlockWorker`] and the in-flight
+//! Each vring worker thread owns a `ThreadState` (its [`BlockWorker`] and the in-flight
 //! slots of its queues); only that thread locks it on the data path, so the lock is
 //! uncontended. The frontend thread takes it only in `stop_vring`/`reset_device`.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -27,7 +28,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::block::{BlockBackend, BlockError, BlockOp, BlockWorker, Completion, GuestBuf};
+use crate::block::{
+    BlockBackend, BlockError, BlockOp, BlockWorker, Completion, GuestBuf, RequestObserver,
+};
 use crate::config::{BlkConfig, ConfigOptions};
 use crate::request::{
     self, Desc, Limits, ParseError, Request, HEADER_LEN, ID_LEN, SEGMENT_LEN, VIRTIO_BLK_S_IOERR,
@@ -79,6 +82,8 @@ struct InFlight {
     ok_len: u32,
     /// Keeps the buffers mapped even if the frontend removes the region meanwhile.
     mem: Arc<Mem>,
+    /// For the request observer: what, how much, since when.
+    observed: Option<(BlockOp, u64, Instant)>,
 }
 
 #[derive(Default)]
@@ -122,6 +127,8 @@ struct ThreadState<W> {
     done: Vec<Completion>,
     descs: Vec<Desc>,
     bufs: Vec<GuestBuf>,
+    /// Local queue index -> global queue index.
+    globals: Vec<usize>,
 }
 
 fn tag_of(local: usize, slot: u32) -> u64 {
@@ -149,6 +156,7 @@ pub struct VhostUserBlk<B: BlockBackend> {
     queue_map: Vec<(usize, usize)>,
     thread_masks: Vec<u64>,
     threads: Vec<Mutex<ThreadState<B::Worker>>>,
+    observer: Option<Arc<dyn RequestObserver>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +183,12 @@ pub fn spread_queues(num_queues: usize, threads: usize) -> Vec<u64> {
 }
 
 impl<B: BlockBackend> VhostUserBlk<B> {
+    /// Report every completed request to `observer` (metrics).
+    pub fn with_observer(mut self, observer: Option<Arc<dyn RequestObserver>>) -> Self {
+        self.observer = observer;
+        self
+    }
+
     /// Build the device and create one worker per thread.
     pub fn new(backend: Arc<B>, opts: &DeviceOptions) -> io::Result<Self> {
         let geo = backend.geometry();
@@ -191,7 +205,9 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 }
             }
             let worker = backend.new_worker(t)?;
+            let globals = (0..num_queues).filter(|q| mask >> q & 1 == 1).collect();
             threads.push(Mutex::new(ThreadState {
+                globals,
                 worker,
                 queues: (0..local).map(|_| QueueSlots::default()).collect(),
                 vrings: Vec::new(),
@@ -256,6 +272,7 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             acked_features: AtomicU64::new(0),
             mem: RwLock::new(None),
             queue_map,
+            observer: None,
             thread_masks,
             threads,
         })
@@ -446,11 +463,16 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             return Err(e);
         }
         let ok_len = u32::try_from(ok_len.saturating_add(1)).unwrap_or(u32::MAX);
+        let observed = self.observer.as_ref().map(|_| {
+            let bytes = bufs.iter().map(|b| b.len as u64).sum();
+            (op, bytes, Instant::now())
+        });
         let inflight = InFlight {
             head,
             status,
             ok_len,
             mem: mem.clone(),
+            observed,
         };
         let slot = match ts.queues.get_mut(local) {
             Some(q) => q.insert(inflight),
@@ -531,6 +553,10 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 debug!("queue {local} head {}: {e}", inf.head);
             }
             let len = if c.result.is_ok() { inf.ok_len } else { 1 };
+            if let (Some(obs), Some((op, bytes, t0))) = (&self.observer, &inf.observed) {
+                let queue = ts.globals.get(local).copied().unwrap_or(local);
+                obs.completed(queue, op, *bytes, t0.elapsed(), c.result.is_ok());
+            }
             if let Some(vring) = ts.vrings.get(local).cloned() {
                 self.finish_now(ts, &vring, local, inf.head, &inf.mem, inf.status, code, len);
             }

@@ -5,10 +5,11 @@ pub mod config;
 pub mod request;
 
 pub use block::{
-    BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DiskGeometry, GuestBuf, SECTOR_SIZE,
+    BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DiskGeometry, GuestBuf,
+    RequestObserver, SECTOR_SIZE,
 };
 pub mod device;
 pub mod server;
 
 pub use device::VhostUserBlk;
-pub use server::{serve, DeviceOptions, ServeError, StopHandle};
+pub use server::{serve, serve_observed, DeviceOptions, ServeError, StopHandle};

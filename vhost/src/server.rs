@@ -213,7 +213,22 @@ pub fn serve<B: BlockBackend>(
     listener: UnixListener,
     stop: &StopHandle,
 ) -> Result<(), ServeError> {
-    let dev = Arc::new(VhostUserBlk::new(backend, opts).map_err(ServeError::Workers)?);
+    serve_observed(backend, opts, listener, stop, None)
+}
+
+/// [`serve`], reporting every completed request to `observer`.
+pub fn serve_observed<B: BlockBackend>(
+    backend: Arc<B>,
+    opts: &DeviceOptions,
+    listener: UnixListener,
+    stop: &StopHandle,
+    observer: Option<Arc<dyn crate::block::RequestObserver>>,
+) -> Result<(), ServeError> {
+    let dev = Arc::new(
+        VhostUserBlk::new(backend, opts)
+            .map_err(ServeError::Workers)?
+            .with_observer(observer),
+    );
     let mut listener = Listener::from(listener);
     let result = loop {
         match wait_for_client(listener.as_raw_fd(), stop) {

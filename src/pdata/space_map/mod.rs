@@ -283,6 +283,13 @@ impl SpaceMap {
             new
         };
         let mut shadowed: BTreeSet<usize> = BTreeSet::new();
+        // Bitmaps created in this transaction (format) are written even if no entry changed.
+        let nb = nr_bitmaps(self.nr_blocks) as usize;
+        for (i, e) in self.index.iter().enumerate().take(nb) {
+            if self.new_this_tx.contains(&e.blocknr) {
+                shadowed.insert(i);
+            }
+        }
         loop {
             let dirty: BTreeSet<usize> = self
                 .changed

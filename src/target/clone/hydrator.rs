@@ -21,6 +21,8 @@ const CHUNK_BYTES: u64 = 4 << 20;
 /// Commit at least this often while anything changed (dm-clone: every second).
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 const RING_ENTRIES: u32 = 128;
+/// How soon to look again when background copies yield to guest I/O.
+const BACKOFF_POLL_MS: i32 = 5;
 
 enum Phase {
     Reading,
@@ -112,7 +114,15 @@ impl Hydrator {
                 revents: 0,
             },
         ];
-        let timeout_ms = if self.s.map.is_dirty() {
+        let backing_off = self.active() == 0
+            && self.s.sched.is_enabled()
+            && !self.s.sched.is_halted()
+            && !self.s.map.all_hydrated()
+            && self.s.mode() == MetadataMode::Rw;
+        let timeout_ms = if backing_off {
+            // Background copies wait while guest I/O is in flight: look again soon.
+            BACKOFF_POLL_MS
+        } else if self.s.map.is_dirty() {
             let left = COMMIT_INTERVAL.saturating_sub(self.last_commit.elapsed());
             i32::try_from(left.as_millis()).unwrap_or(1000).max(1)
         } else {

@@ -5,7 +5,7 @@
 //! are mutually exclusive with each other but never block the data path.
 //!
 //! # Memory release (dm-clone known issue 2, fixed)
-//! The bit words and the dirty-word bits live in one [`Words`] allocation behind an
+//! The bit words and the dirty-word bits live in one `Words` allocation behind an
 //! `arc_swap::ArcSwapOption`. Readers take a cheap guard (`load()`), which keeps the allocation alive for the
 //! duration of the read even if the committer swaps in `None` concurrently; the memory is freed when the last
 //! guard drops. Before touching the allocation at all, readers check an atomic `complete` flag, so after release

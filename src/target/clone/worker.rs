@@ -48,6 +48,14 @@ pub struct CloneWorker {
     scratch: Vec<crate::io::RingCompletion>,
 }
 
+/// Guest bytes `[buf_off, buf_off + len)` of a request, at byte `offset` of a device.
+#[derive(Clone, Copy)]
+struct Span {
+    buf_off: usize,
+    len: usize,
+    offset: u64,
+}
+
 /// What to do with a write-like request's data.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Data {
@@ -142,17 +150,20 @@ impl CloneWorker {
         idx as u64
     }
 
-    /// Submit a read or write of guest bytes `[buf_off, buf_off+len)` at byte `offset`.
+    /// Submit a read or write of the guest bytes of `span`.
     fn submit_rw(
         &mut self,
         idx: usize,
         to_source: bool,
         write: bool,
         bufs: &[GuestBuf],
-        buf_off: usize,
-        len: usize,
-        offset: u64,
+        span: Span,
     ) {
+        let Span {
+            buf_off,
+            len,
+            offset,
+        } = span;
         let Some(iov) = slice_iovecs(bufs, buf_off, len) else {
             self.fail_sub(
                 idx,
@@ -274,15 +285,12 @@ impl CloneWorker {
         for (from_source, start, n) in runs {
             let buf_off = ((start - sector) * SECTOR_SIZE) as usize;
             let bytes = (n * SECTOR_SIZE) as usize;
-            self.submit_rw(
-                idx,
-                from_source,
-                false,
-                bufs,
+            let span = Span {
                 buf_off,
-                bytes,
-                start * SECTOR_SIZE,
-            );
+                len: bytes,
+                offset: start * SECTOR_SIZE,
+            };
+            self.submit_rw(idx, from_source, false, bufs, span);
         }
         self.put(idx);
     }
@@ -369,7 +377,14 @@ impl CloneWorker {
         let offset = sector * SECTOR_SIZE;
         let bytes = nr * SECTOR_SIZE;
         match data {
-            Data::Guest => self.submit_rw(idx, false, true, bufs, 0, bytes as usize, offset),
+            Data::Guest => {
+                let span = Span {
+                    buf_off: 0,
+                    len: bytes as usize,
+                    offset,
+                };
+                self.submit_rw(idx, false, true, bufs, span)
+            }
             Data::Zeroes { unmap } => self.submit_zeroes(idx, offset, bytes, unmap),
         }
         self.put(idx);

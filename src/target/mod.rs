@@ -1,0 +1,4 @@
+//! Device-mapper style targets.
+
+pub mod clone;
+pub mod linear;
