@@ -642,15 +642,20 @@ def main():
     a.daemon = os.path.abspath(a.daemon)
     b = Bench(a)
     b.hydrated_ok = False
+    t0 = time.time()
     b.setup()
+    b.results["meta"]["setup_secs"] = round(time.time() - t0, 1)
     phases = a.phases.split(",")
     try:
         for ph in ("hydration", "matrix", "cost", "memory"):
             if ph in phases:
+                t0 = time.time()
                 try:
                     getattr(b, "phase_" + ph)()
                 except Exception as e:  # noqa: BLE001
                     b.note(f"phase {ph} failed: {e}")
+                b.results["meta"].setdefault("phase_secs", {})[ph] = round(time.time() - t0, 1)
+                log(f"phase {ph}: {time.time() - t0:.1f} s")
     finally:
         b.stop_all()
         b.report()
