@@ -171,7 +171,9 @@ class Bench:
         cmd = ["fio", "--name=b", f"--filename={self.img}", "--ioengine=io_uring", "--direct=1",
                "--invalidate=0", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
                f"--numjobs={queues}", "--group_reporting", "--time_based",
-               f"--runtime={runtime}s", f"--ramp_time={ramp}s", "--output-format=json",
+               # integer milliseconds: fio mis-parses fractional seconds such as "0.8s"
+               f"--runtime={int(runtime * 1000)}ms", f"--ramp_time={int(ramp * 1000)}ms",
+               "--output-format=json",
                "--randrepeat=0", "--norandommap"]
         if pattern == "seqread":
             share = GiB // queues
@@ -188,7 +190,8 @@ class Bench:
         return {"iops": d["iops"], "mib_s": d["bw_bytes"] / MiB,
                 "lat_mean_us": d["lat_ns"]["mean"] / 1000,
                 "lat_p50_us": pc.get("50.000000", 0) / 1000,
-                "lat_p99_us": pc.get("99.000000", 0) / 1000, "errors": j["error"]}
+                "lat_p99_us": pc.get("99.000000", 0) / 1000, "errors": j["error"],
+                "secs": j.get("job_runtime", 0) / 1000 / max(1, queues)}
 
     # ------------------------------------------------------------------ setup
     def setup(self):
