@@ -166,7 +166,8 @@ fn run_queue(mut q: Blkioq, job: Job, stop: Arc<AtomicBool>, go: Arc<Barrier>) -
         job.start + blk * o.bs
     };
     let mut submit_t = vec![Instant::now(); o.qd];
-    let mut comps: Vec<MaybeUninit<Completion>> = (0..o.qd).map(|_| MaybeUninit::uninit()).collect();
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..o.qd).map(|_| MaybeUninit::uninit()).collect();
     let mut res = ThreadResult {
         lat_ns: Vec::with_capacity(1 << 20),
         ..Default::default()
@@ -263,12 +264,20 @@ fn run(o: &Opts) -> Result<(), String> {
     b.connect().map_err(e("connect"))?;
     let max_queues = b.get_i32("max-queues").map_err(e("max-queues"))?;
     if (o.queues as i32) > max_queues {
-        return Err(format!("server offers {max_queues} queues, asked {}", o.queues));
+        return Err(format!(
+            "server offers {max_queues} queues, asked {}",
+            o.queues
+        ));
     }
-    b.set_i32("num-queues", o.queues as i32).map_err(e("num-queues"))?;
-    b.set_i32("queue-size", o.queue_size).map_err(e("queue-size"))?;
+    b.set_i32("num-queues", o.queues as i32)
+        .map_err(e("num-queues"))?;
+    b.set_i32("queue-size", o.queue_size)
+        .map_err(e("queue-size"))?;
     let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
-    let align = b.get_u64("mem-region-alignment").map_err(e("align"))?.max(4096);
+    let align = b
+        .get_u64("mem-region-alignment")
+        .map_err(e("align"))?
+        .max(4096);
     let queues = b.start().map_err(e("start"))?.queues;
 
     let size = if o.size == 0 {
@@ -284,13 +293,16 @@ fn run(o: &Opts) -> Result<(), String> {
     }
     let per_thread = o.qd as u64 * o.bs;
     let total = (per_thread * o.queues as u64).div_ceil(align) * align;
-    let region = b.alloc_mem_region(total as usize).map_err(e("alloc_mem_region"))?;
+    let region = b
+        .alloc_mem_region(total as usize)
+        .map_err(e("alloc_mem_region"))?;
     b.map_mem_region(&region).map_err(e("map_mem_region"))?;
     // Non-zero, incompressible-looking payload for writes.
     {
         let mut rng = Rng(0xDEAD_BEEF_CAFE_F00D);
         // SAFETY: the region is `total` bytes of mapped, writable memory we own.
-        let s = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u64, total as usize / 8) };
+        let s =
+            unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u64, total as usize / 8) };
         s.iter_mut().for_each(|w| *w = rng.next());
     }
 
@@ -332,7 +344,10 @@ fn run(o: &Opts) -> Result<(), String> {
         .map(|r| r.measured.as_secs_f64())
         .fold(0.0, f64::max)
         .max(1e-9);
-    let mut lat: Vec<u32> = results.iter().flat_map(|r| r.lat_ns.iter().copied()).collect();
+    let mut lat: Vec<u32> = results
+        .iter()
+        .flat_map(|r| r.lat_ns.iter().copied())
+        .collect();
     lat.sort_unstable();
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {
