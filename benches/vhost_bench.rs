@@ -106,7 +106,7 @@ fn parse_args() -> Result<Opts, String> {
     if o.socket.is_empty() {
         return Err(USAGE.into());
     }
-    if o.bs == 0 || o.bs % 512 != 0 {
+    if o.bs == 0 || !o.bs.is_multiple_of(512) {
         return Err("--bs must be a non-zero multiple of 512".into());
     }
     if o.qd == 0 || o.queues == 0 {
@@ -185,8 +185,8 @@ fn run_queue(mut q: Blkioq, job: Job, stop: Arc<AtomicBool>, go: Arc<Barrier>) -
     let ramp_end = t0 + Duration::from_secs_f64(o.ramp);
     let mut measuring = o.ramp <= 0.0;
     let mut measure_start = t0;
-    for slot in 0..o.qd {
-        submit_t[slot] = Instant::now();
+    for (slot, t) in submit_t.iter_mut().enumerate().take(o.qd) {
+        *t = Instant::now();
         submit(&mut q, slot, next_offset(&mut rng));
     }
     let mut in_flight = o.qd;
