@@ -4,6 +4,7 @@
 
 mod check;
 mod clone_metadata;
+pub mod damage;
 mod error;
 mod geometry;
 mod load;
