@@ -73,6 +73,12 @@ impl Target {
         self.len() == 0
     }
 
+    fn activate(&self) {
+        if let Target::Clone(c) = self {
+            c.activate();
+        }
+    }
+
     fn new_worker(&self, thread_index: usize) -> io::Result<AnyWorker> {
         Ok(match self {
             Target::Linear(t) => AnyWorker::Linear(t.new_worker(thread_index)?),
@@ -116,6 +122,11 @@ pub enum TableOpError {
     BlockSize { old: u32, new: u32 },
     #[error("the device is not suspended")]
     NotSuspended,
+    #[error(
+        "the live clone already uses the metadata device {0}: two clone targets must not share it \
+         (change hydration settings with `message`)"
+    )]
+    SameMetadata(std::path::PathBuf),
     #[error("in-flight requests did not drain within {0:?}")]
     DrainTimeout(Duration),
     #[error("{0:#}")]
@@ -163,6 +174,7 @@ impl Device {
             events: Arc::new(Mutex::new(Vec::new())),
         });
         dev.forward_events(&target);
+        target.activate();
         Ok(dev)
     }
 
@@ -220,6 +232,15 @@ impl Device {
 
     /// Open a table's target beside the live one (dmsetup load).
     pub fn load(self: &Arc<Self>, table: Table) -> Result<(), TableOpError> {
+        if let TargetSpec::Clone(new) = &table.target {
+            let same = |t: &Table| match &t.target {
+                TargetSpec::Clone(c) => same_file(&c.metadata, &new.metadata),
+                TargetSpec::Linear(_) => false,
+            };
+            if self.with_live(|l| same(&l.table)) {
+                return Err(TableOpError::SameMetadata(new.metadata.clone()));
+            }
+        }
         let target = Target::open(&table, self.read_only, self.geometry.logical_block_size)
             .map_err(TableOpError::Open)?;
         let g = target.geometry();
@@ -278,6 +299,7 @@ impl Device {
         }
         let swapped = lock(&self.loaded).take().map(|new| {
             let table = new.table.clone();
+            new.target.activate();
             self.forward_events(&new.target);
             let old = {
                 let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
@@ -338,6 +360,15 @@ impl Device {
         self.load(table)?;
         self.suspend(Duration::from_secs(60))?;
         self.resume().map(|_| ())
+    }
+}
+
+/// True if both paths name the same file (or are the same path).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
     }
 }
 

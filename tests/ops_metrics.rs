@@ -446,6 +446,7 @@ fn clone_source_of_a_live_target() {
         panic!("not a clone table")
     };
     let target = CloneTarget::open(&spec, None, 512, false).unwrap();
+    target.activate();
     let reg = MetricsRegistry::new(1);
     let source = Arc::new(CloneSource::new(target.shared().clone()));
     reg.set_source(Some(source.clone()));

@@ -146,6 +146,8 @@ fn swaps_under_verified_io() {
     }
 
     // By hand: load, suspend (client requests wait), resume.
+    // (While a clone is live, a second clone on its metadata device is refused; checked in
+    // `second_clone_on_live_metadata_is_refused`.)
     d.ctl_ok(&["load", "--table", &format!("linear {dest} 0")]);
     assert_eq!(
         d.ctl_ok(&["table", "--loaded"]),
@@ -183,4 +185,85 @@ fn swaps_under_verified_io() {
     for l in text.lines() {
         serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line");
     }
+}
+
+#[test]
+fn second_clone_on_live_metadata_is_refused() {
+    let dir = scratch("swap-same-meta");
+    let p = |n: &str| dir.path().join(n);
+    random_file(&p("src"), 1 << 20, 2);
+    zero_file(&p("dest"), 1 << 20);
+    zero_file(&p("meta"), 4 << 20);
+    let table = format!(
+        "clone {} {} {} 8 1 no_hydration",
+        p("meta").display(),
+        p("dest").display(),
+        p("src").display()
+    );
+    let d = Daemon::start(dir.path(), &table, &[]);
+    let out = d.ctl(&[
+        "load",
+        "--table",
+        &format!("{table} 2 hydration_threshold 4"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("metadata device"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.ctl_ok(&["table", "--loaded"]), "");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn loaded_clone_copies_nothing_until_resumed() {
+    let dir = scratch("swap-loaded-clone");
+    let p = |n: &str| dir.path().join(n);
+    let size = 2 << 20;
+    let src = random_file(&p("src"), size, 4);
+    random_file(&p("live"), size, 6);
+    zero_file(&p("dest"), size as u64);
+    zero_file(&p("meta"), 4 << 20);
+    let d = Daemon::start(
+        dir.path(),
+        &format!("linear {} 0", p("live").display()),
+        &[],
+    );
+    let clone = format!(
+        "clone {} {} {} 8 0 4 hydration_threshold 16 hydration_batch_size 16",
+        p("meta").display(),
+        p("dest").display(),
+        p("src").display()
+    );
+    d.ctl_ok(&["load", "--table", &clone]);
+    std::thread::sleep(Duration::from_millis(500));
+    let dest = std::fs::read(p("dest")).unwrap();
+    assert!(
+        dest.iter().all(|&b| b == 0),
+        "a loaded (not live) clone must not copy"
+    );
+    d.ctl_ok(&["suspend"]);
+    d.ctl_ok(&["resume"]);
+    let t0 = Instant::now();
+    loop {
+        let status = d.ctl_ok(&["status"]);
+        if status.contains(&format!(" {n}/{n} ", n = size / 4096)) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no hydration after resume: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(
+        c.read(0, 0, size).unwrap(),
+        src,
+        "the live clone serves the source"
+    );
+    drop(c);
+    assert!(d.stop().success());
+    assert_eq!(std::fs::read(p("dest")).unwrap(), src);
 }

@@ -153,6 +153,8 @@ pub struct Shared {
     pub copied_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub complete_announced: AtomicBool,
+    /// False while the target is only loaded (not live): no copies, no commits.
+    pub active: AtomicBool,
 }
 
 impl Shared {
@@ -369,6 +371,7 @@ impl CloneTarget {
             copied_bytes: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             complete_announced: AtomicBool::new(false),
+            active: AtomicBool::new(false),
         });
         let thread_shared = shared.clone();
         let hydrator = std::thread::Builder::new()
@@ -387,6 +390,13 @@ impl CloneTarget {
             hydrator: Mutex::new(Some(hydrator)),
             read_only,
         }))
+    }
+
+    /// Make the target live: background hydration and commits may start. A target that
+    /// is only loaded beside a live one copies nothing and writes no metadata.
+    pub fn activate(&self) {
+        self.shared.active.store(true, Ordering::SeqCst);
+        self.shared.wake_hydrator();
     }
 
     /// Shared state (status, events).

@@ -79,6 +79,11 @@ impl Hydrator {
             if stopping && self.active() == 0 {
                 break;
             }
+            if !self.s.active.load(Ordering::SeqCst) {
+                // Loaded beside a live target: wait to be made live (or stopped).
+                self.wait();
+                continue;
+            }
             if !stopping && self.s.mode() == MetadataMode::Rw {
                 while let Some(batch) = self.s.sched.next_batch(&self.s.map, &self.s.locks) {
                     self.start_job(batch.regions, batch.kind);
@@ -115,6 +120,7 @@ impl Hydrator {
             },
         ];
         let backing_off = self.active() == 0
+            && self.s.active.load(Ordering::SeqCst)
             && self.s.sched.is_enabled()
             && !self.s.sched.is_halted()
             && !self.s.map.all_hydrated()
