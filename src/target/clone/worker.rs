@@ -263,7 +263,14 @@ impl CloneWorker {
         // Runs of consecutive segments with the same origin become one I/O.
         let mut run: Option<(bool, u64, u64)> = None; // (from_source, start sector, sectors)
         let mut runs = Vec::new();
-        if let Ok(split) = s.geo.split(sector, nr) {
+        let split = match s.geo.split(sector, nr) {
+            Ok(split) => split,
+            Err(e) => {
+                self.fail_sub(idx, BlockError::Io(io::Error::other(e.to_string())));
+                return self.put(idx);
+            }
+        };
+        {
             for seg in split {
                 let from_source = !s.map.is_hydrated(seg.region);
                 if from_source && hint && s.sched.hint(seg.region, &s.map) {
