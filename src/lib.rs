@@ -8,5 +8,6 @@ pub mod metadata;
 pub mod metrics;
 pub mod pdata;
 pub mod service;
+pub mod source;
 pub mod table;
 pub mod target;

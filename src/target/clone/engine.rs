@@ -59,6 +59,45 @@ pub enum CloneError {
     EventFd(std::io::Error),
     #[error("cannot start the hydration thread: {0}")]
     Thread(std::io::Error),
+    #[error("the NBD source: {0}")]
+    Nbd(#[from] crate::source::NbdError),
+}
+
+/// Connections to an NBD source.
+const NBD_CONNECTIONS: usize = 4;
+
+/// The read-only source: a local file or block device, or an NBD export.
+pub enum SourceIo {
+    /// Read through the io_uring engine (O_DIRECT, buffered for unaligned transfers).
+    File {
+        direct: ReadOnlyFile,
+        buffered: File,
+    },
+    /// Read by a pool of NBD connections (`nbd://...`, `nbd+unix://...?socket=...`).
+    Nbd(Arc<crate::source::NbdPool>),
+}
+
+impl SourceIo {
+    fn open(path: &std::path::Path) -> Result<Self, CloneError> {
+        if let Some(uri) = path.to_str().filter(|s| crate::source::NbdAddr::is_uri(s)) {
+            let addr = crate::source::NbdAddr::parse(uri)?;
+            return Ok(SourceIo::Nbd(crate::source::NbdPool::connect(
+                &addr,
+                NBD_CONNECTIONS,
+            )?));
+        }
+        let direct = ReadOnlyFile::open(path).map_err(|e| CloneError::OpenDirect("source", e))?;
+        let buffered = buffered(&path.to_path_buf(), false, "source")?;
+        Ok(SourceIo::File { direct, buffered })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            SourceIo::File { direct, .. } => direct.size(),
+            SourceIo::Nbd(pool) => pool.size(),
+        }
+    }
 }
 
 /// A guest request parked until a region it needs has been hydrated.
@@ -76,6 +115,8 @@ pub enum MailItem {
     Fail(ParkedReq, String),
     /// A flush finished (`Err` carries the reason).
     FlushDone(u64, Result<(), String>),
+    /// A remote source read of request slot `usize` finished.
+    RemoteDone(usize, Result<(), String>),
 }
 
 /// A worker's inbox: items plus a descriptor of the worker's eventfd to wake it.
@@ -137,8 +178,9 @@ pub struct Shared {
     pub sched: Scheduler,
     pub dest: ReadWriteFile,
     pub dest_buffered: File,
-    pub source: ReadOnlyFile,
-    pub source_buffered: File,
+    pub source: SourceIo,
+    /// Source reads finished by the NBD pool for the hydration thread: (copy slot, result, buffer).
+    pub remote_copies: Mutex<Vec<(usize, std::io::Result<()>, crate::io::AlignedBuf)>>,
     pub metadata: Mutex<CloneMetadata>,
     pub mode: Mutex<MetadataMode>,
     pub events: EventHub,
@@ -306,9 +348,7 @@ impl CloneTarget {
         logical_block_size: u32,
         read_only: bool,
     ) -> Result<Arc<Self>, CloneError> {
-        let source =
-            ReadOnlyFile::open(&spec.source).map_err(|e| CloneError::OpenDirect("source", e))?;
-        let source_buffered = buffered(&spec.source, false, "source")?;
+        let source = SourceIo::open(&spec.source)?;
         let dest = ReadWriteFile::open(&spec.destination)
             .map_err(|e| CloneError::OpenDirect("destination", e))?;
         let dest_buffered = buffered(&spec.destination, true, "destination")?;
@@ -359,7 +399,7 @@ impl CloneTarget {
             dest,
             dest_buffered,
             source,
-            source_buffered,
+            remote_copies: Mutex::new(Vec::new()),
             metadata: Mutex::new(metadata),
             mode: Mutex::new(MetadataMode::Rw),
             events: EventHub::new(),

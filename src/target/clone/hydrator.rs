@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use vhost_user_blk::SECTOR_SIZE;
 
-use super::engine::{lock, MailItem, Shared};
+use super::engine::{lock, MailItem, Shared, SourceIo};
 use super::{BatchKind, Event, MetadataMode};
 use crate::io::{AlignedBuf, EofPolicy, Ring, RingCompletion};
+use crate::source::ReadDst;
 
 /// Largest single read/write of a copy; bigger batches are copied in pieces.
 const CHUNK_BYTES: u64 = 4 << 20;
@@ -99,6 +100,16 @@ impl Hydrator {
             self.check_complete();
             self.wait();
             self.ring.reap(&mut completions);
+            let remote = std::mem::take(&mut *lock(&self.s.remote_copies));
+            completions.extend(
+                remote
+                    .into_iter()
+                    .map(|(slot, result, buf)| RingCompletion {
+                        token: slot as u64,
+                        result: result.map(|()| 0),
+                        buf: Some(buf),
+                    }),
+            );
             for c in completions.drain(..) {
                 self.on_completion(c);
             }
@@ -226,19 +237,36 @@ impl Hydrator {
             Err(e) => return self.finish(slot, Err(e)),
         };
         let s = self.s.clone();
-        let direct = s.source.align().fits(buf.as_ptr() as usize, len, pos);
-        let result = if direct {
-            self.ring
-                .submit_read_buf(&s.source, pos, buf, len, EofPolicy::Error, slot as u64)
-        } else {
-            self.ring.submit_read_buf(
-                &s.source_buffered,
-                pos,
-                buf,
-                len,
-                EofPolicy::Error,
-                slot as u64,
-            )
+        let result = match &s.source {
+            SourceIo::File { direct, buffered } => {
+                if direct.align().fits(buf.as_ptr() as usize, len, pos) {
+                    self.ring
+                        .submit_read_buf(direct, pos, buf, len, EofPolicy::Error, slot as u64)
+                } else {
+                    self.ring.submit_read_buf(
+                        buffered,
+                        pos,
+                        buf,
+                        len,
+                        EofPolicy::Error,
+                        slot as u64,
+                    )
+                }
+            }
+            SourceIo::Nbd(pool) => {
+                let done = s.clone();
+                pool.read(
+                    pos,
+                    ReadDst::Buf(buf, len),
+                    Box::new(move |dst, result| {
+                        if let ReadDst::Buf(buf, _) = dst {
+                            lock(&done.remote_copies).push((slot, result, buf));
+                        }
+                        done.wake_hydrator();
+                    }),
+                );
+                Ok(())
+            }
         };
         if let Err(e) = result {
             self.finish(slot, Err(format!("reading the source: {e}")));

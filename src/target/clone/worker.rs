@@ -16,10 +16,11 @@ use std::sync::Arc;
 
 use vhost_user_blk::{BlockError, BlockOp, BlockWorker, Completion, GuestBuf, SECTOR_SIZE};
 
-use super::engine::{lock, MailItem, Mailbox, Parked, ParkedReq, Shared};
+use super::engine::{lock, MailItem, Mailbox, Parked, ParkedReq, Shared, SourceIo};
 use super::guest_io::{slice_iovecs, total_len, DualFd};
 use super::{Admit, MetadataMode};
 use crate::io::{EofPolicy, FileKind, Ring};
+use crate::source::ReadDst;
 
 const RING_ENTRIES: u32 = 256;
 
@@ -45,6 +46,8 @@ pub struct CloneWorker {
     ready: Vec<Completion>,
     /// Parked requests (waiting in region locks or for a flush).
     parked: usize,
+    /// Reads in flight at a remote (NBD) source.
+    remote: usize,
     scratch: Vec<crate::io::RingCompletion>,
 }
 
@@ -76,6 +79,7 @@ impl CloneWorker {
             free: Vec::new(),
             ready: Vec::new(),
             parked: 0,
+            remote: 0,
             scratch: Vec::new(),
         })
     }
@@ -171,14 +175,39 @@ impl CloneWorker {
             );
             return;
         };
-        let s = &self.shared;
+        let s = self.shared.clone();
         let fd = if to_source {
-            DualFd {
-                direct: s.source.as_raw_fd(),
-                align: s.source.align(),
-                buffered: &s.source_buffered,
+            match &s.source {
+                SourceIo::File { direct, buffered } => DualFd {
+                    direct: direct.as_raw_fd(),
+                    align: direct.align(),
+                    buffered,
+                }
+                .pick(&iov, offset),
+                SourceIo::Nbd(pool) => {
+                    let bufs = iov
+                        .iter()
+                        .map(|v| GuestBuf {
+                            ptr: v.iov_base.cast(),
+                            len: v.iov_len,
+                        })
+                        .collect();
+                    let mailbox = self.mailbox.clone();
+                    self.remote += 1;
+                    if let Some(Some(r)) = self.reqs.get_mut(idx) {
+                        r.remaining += 1;
+                    }
+                    pool.read(
+                        offset,
+                        ReadDst::Guest(bufs),
+                        Box::new(move |_, result| {
+                            let result = result.map_err(|e| format!("reading the NBD source: {e}"));
+                            mailbox.post(MailItem::RemoteDone(idx, result));
+                        }),
+                    );
+                    return;
+                }
             }
-            .pick(&iov, offset)
         } else {
             DualFd {
                 direct: s.dest.as_raw_fd(),
@@ -521,6 +550,14 @@ impl CloneWorker {
                     log::warn!("clone: request failed: {why}");
                     self.complete_now(p.tag, Err(BlockError::Io(io::Error::other(why))));
                 }
+                MailItem::RemoteDone(idx, result) => {
+                    self.remote = self.remote.saturating_sub(1);
+                    if let Err(why) = result {
+                        log::warn!("clone: {why}");
+                        self.fail_sub(idx, BlockError::Io(io::Error::other(why)));
+                    }
+                    self.put(idx);
+                }
                 MailItem::FlushDone(tag, result) => {
                     self.parked = self.parked.saturating_sub(1);
                     let result = result.map_err(|why| {
@@ -567,18 +604,19 @@ impl BlockWorker for CloneWorker {
     }
 
     fn in_flight(&self) -> usize {
-        self.ring.in_flight() + self.parked + self.ready.len()
+        self.ring.in_flight() + self.parked + self.remote + self.ready.len()
     }
 
     fn drain(&mut self) {
-        while self.ring.in_flight() > 0 || self.parked > 0 {
+        while self.ring.in_flight() > 0 || self.parked > 0 || self.remote > 0 {
             if self.ring.in_flight() > 0 {
                 if let Err(e) = self.ring.wait() {
                     log::error!("clone: waiting for I/O: {e}");
                     break;
                 }
             } else {
-                // Parked requests come back through the mailbox; wait for its eventfd.
+                // Parked requests and remote reads come back through the mailbox; wait
+                // for its eventfd.
                 let mut pfd = libc::pollfd {
                     fd: self.ring.event_fd(),
                     events: libc::POLLIN,
