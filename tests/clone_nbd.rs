@@ -185,3 +185,58 @@ fn failing_nbd_source_stops_hydration() {
         "destination = export"
     );
 }
+
+#[test]
+fn nbd_server_restart_is_survived() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let dir = scratch("clone-nbd-restart");
+    let p = |n: &str| dir.path().join(n);
+    let size = 4 << 20;
+    let model = random_file(&p("src"), size, 33);
+    zero_file(&p("dest"), size as u64);
+    zero_file(&p("meta"), 4 << 20);
+    let sock = p("nbd.sock");
+    let start = || {
+        let _ = std::fs::remove_file(&sock);
+        let s = Server(
+            Command::new("qemu-nbd")
+                .args(["--read-only", "--format=raw", "--persistent", "--shared=8"])
+                .arg(format!("--socket={}", sock.display()))
+                .arg(p("src"))
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("qemu-nbd"),
+        );
+        wait_socket(&sock);
+        s
+    };
+    let server = start();
+    let table = format!(
+        "clone {} {} nbd+unix:///?socket={} 8 1 no_hydration",
+        p("meta").display(),
+        p("dest").display(),
+        sock.display()
+    );
+    let d = Daemon::start(dir.path(), &table, &[]);
+    let mut c = Client::connect(&d.socket, 1);
+    assert!(c.read(0, 0, 65536).unwrap() == model[..65536]);
+    // The server goes away: reads of the source fail cleanly...
+    drop(server);
+    assert!(
+        c.read(0, 65536, 4096).is_err(),
+        "a read from a dead source must fail"
+    );
+    // ... and work again once it is back (each connection reconnects on its next read).
+    let _server = start();
+    for i in 0..8u64 {
+        let off = (i * 131_072) as usize;
+        assert!(
+            c.read(0, off as u64, 4096).unwrap() == model[off..off + 4096],
+            "read {i} after the server came back"
+        );
+    }
+    drop(c);
+    assert!(d.stop().success());
+}

@@ -134,29 +134,46 @@ fn serve(mut client: NbdClient, addr: &NbdAddr, rx: &Mutex<Receiver<Job>>) {
         let len = dst.len();
         let result = match &mut dst {
             ReadDst::Buf(buf, n) => match buf.as_mut_slice().get_mut(..*n) {
-                Some(slice) => client.read_at(offset, slice).map_err(io::Error::other),
+                Some(slice) => read_retrying(&mut client, addr, offset, slice),
                 None => Err(io::Error::other("read longer than its buffer")),
             },
             ReadDst::Guest(bufs) => {
                 scratch.resize(len, 0);
-                client
-                    .read_at(offset, &mut scratch)
-                    .map_err(io::Error::other)
-                    .map(|()| {
-                        let mut pos = 0;
-                        for b in bufs.iter() {
-                            let Some(src) = scratch.get(pos..pos + b.len) else {
-                                break;
-                            };
-                            // SAFETY: `b` is a guest buffer of `b.len` bytes that the device keeps
-                            // mapped and reserved for this request until it completes, which is
-                            // after this callback's result has been posted back.
-                            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.ptr, b.len) };
-                            pos += b.len;
-                        }
-                    })
+                read_retrying(&mut client, addr, offset, &mut scratch).map(|()| {
+                    let mut pos = 0;
+                    for b in bufs.iter() {
+                        let Some(src) = scratch.get(pos..pos + b.len) else {
+                            break;
+                        };
+                        // SAFETY: `b` is a guest buffer of `b.len` bytes that the device keeps
+                        // mapped and reserved for this request until it completes, which is
+                        // after this callback's result has been posted back.
+                        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.ptr, b.len) };
+                        pos += b.len;
+                    }
+                })
             }
         };
         done(dst, result);
+    }
+}
+
+/// Read; after a transport error (the connection is out of step, e.g. the server restarted)
+/// reconnect and try once more. Errors the server reports are returned as they are.
+fn read_retrying(
+    client: &mut NbdClient,
+    addr: &NbdAddr,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    match client.read_at(offset, buf) {
+        Err(e) if client.is_poisoned() => match NbdClient::connect(addr) {
+            Ok(fresh) => {
+                *client = fresh;
+                client.read_at(offset, buf).map_err(io::Error::other)
+            }
+            Err(_) => Err(io::Error::other(e)),
+        },
+        other => other.map_err(io::Error::other),
     }
 }
