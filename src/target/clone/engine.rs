@@ -4,10 +4,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -162,6 +162,22 @@ pub struct Parked {
     pub req: ParkedReq,
 }
 
+fn rank_of_mode(m: MetadataMode) -> u8 {
+    match m {
+        MetadataMode::Rw => 0,
+        MetadataMode::Ro => 1,
+        MetadataMode::Fail => 2,
+    }
+}
+
+fn mode_of_rank(r: u8) -> MetadataMode {
+    match r {
+        0 => MetadataMode::Rw,
+        1 => MetadataMode::Ro,
+        _ => MetadataMode::Fail,
+    }
+}
+
 /// Lock a mutex, recovering the data if a thread panicked while holding it.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -182,7 +198,9 @@ pub struct Shared {
     /// Source reads finished by the NBD pool for the hydration thread: (copy slot, result, buffer).
     pub remote_copies: Mutex<Vec<(usize, std::io::Result<()>, crate::io::AlignedBuf)>>,
     pub metadata: Mutex<CloneMetadata>,
-    pub mode: Mutex<MetadataMode>,
+    /// The metadata mode as its rank (0 rw, 1 ro, 2 fail): read on every guest write, so
+    /// an atomic rather than a lock shared by all queues.
+    mode: AtomicU8,
     pub events: EventHub,
     /// Wakes the hydration thread (new urgent work, flush requests, settings, stop).
     pub hydrator_wake: EventFd,
@@ -202,21 +220,13 @@ pub struct Shared {
 impl Shared {
     /// Current metadata mode.
     pub fn mode(&self) -> MetadataMode {
-        *lock(&self.mode)
+        mode_of_rank(self.mode.load(Ordering::Acquire))
     }
 
     /// Switch the metadata mode (only ever towards worse), with an event.
     pub fn set_mode(&self, to: MetadataMode) {
-        let mut mode = lock(&self.mode);
-        let from = *mode;
-        let rank = |m: MetadataMode| match m {
-            MetadataMode::Rw => 0,
-            MetadataMode::Ro => 1,
-            MetadataMode::Fail => 2,
-        };
-        if rank(to) > rank(from) {
-            *mode = to;
-            drop(mode);
+        let from = mode_of_rank(self.mode.fetch_max(rank_of_mode(to), Ordering::AcqRel));
+        if rank_of_mode(to) > rank_of_mode(from) {
             log::error!(
                 "clone metadata mode {} -> {}",
                 from.as_status_str(),
@@ -401,7 +411,7 @@ impl CloneTarget {
             source,
             remote_copies: Mutex::new(Vec::new()),
             metadata: Mutex::new(metadata),
-            mode: Mutex::new(MetadataMode::Rw),
+            mode: AtomicU8::new(rank_of_mode(MetadataMode::Rw)),
             events: EventHub::new(),
             hydrator_wake: EventFd::new(EFD_NONBLOCK).map_err(CloneError::EventFd)?,
             flushes: Mutex::new(Vec::new()),
@@ -535,9 +545,4 @@ impl BlockBackend for CloneTarget {
     fn new_worker(&self, _thread_index: usize) -> std::io::Result<CloneWorker> {
         CloneWorker::new(self.shared.clone(), self.read_only)
     }
-}
-
-/// The raw descriptor of the destination's direct handle (for the ring).
-pub fn dest_fd(s: &Shared) -> std::os::fd::RawFd {
-    s.dest.as_raw_fd()
 }

@@ -175,7 +175,7 @@ impl CloneWorker {
             );
             return;
         };
-        let s = self.shared.clone();
+        let s = &self.shared;
         let fd = if to_source {
             match &s.source {
                 SourceIo::File { direct, buffered } => DualFd {
@@ -194,9 +194,7 @@ impl CloneWorker {
                         .collect();
                     let mailbox = self.mailbox.clone();
                     self.remote += 1;
-                    if let Some(Some(r)) = self.reqs.get_mut(idx) {
-                        r.remaining += 1;
-                    }
+                    hold(&mut self.reqs, idx);
                     pool.read(
                         offset,
                         ReadDst::Guest(bufs),
@@ -229,11 +227,7 @@ impl CloneWorker {
             }
         };
         match submitted {
-            Ok(()) => {
-                if let Some(Some(r)) = self.reqs.get_mut(idx) {
-                    r.remaining += 1;
-                }
-            }
+            Ok(()) => hold(&mut self.reqs, idx),
             Err(e) => self.fail_sub(idx, BlockError::Io(e.into())),
         }
     }
@@ -287,37 +281,13 @@ impl CloneWorker {
             return;
         }
         let idx = self.new_req(tag, true);
-        let s = self.shared.clone();
-        let hint = s.sched.is_enabled();
-        // Runs of consecutive segments with the same origin become one I/O.
-        let mut run: Option<(bool, u64, u64)> = None; // (from_source, start sector, sectors)
-        let mut runs = Vec::new();
-        let split = match s.geo.split(sector, nr) {
-            Ok(split) => split,
+        let runs = match read_runs(&self.shared, sector, nr) {
+            Ok(runs) => runs,
             Err(e) => {
                 self.fail_sub(idx, BlockError::Io(io::Error::other(e.to_string())));
                 return self.put(idx);
             }
         };
-        {
-            for seg in split {
-                let from_source = !s.map.is_hydrated(seg.region);
-                if from_source && hint && s.sched.hint(seg.region, &s.map) {
-                    s.wake_hydrator();
-                }
-                run = match run {
-                    Some((src, start, n)) if src == from_source => {
-                        Some((src, start, n + seg.nr_sectors))
-                    }
-                    Some(prev) => {
-                        runs.push(prev);
-                        Some((from_source, seg.sector, seg.nr_sectors))
-                    }
-                    None => Some((from_source, seg.sector, seg.nr_sectors)),
-                };
-            }
-        }
-        runs.extend(run);
         for (from_source, start, n) in runs {
             let buf_off = ((start - sector) * SECTOR_SIZE) as usize;
             let bytes = (n * SECTOR_SIZE) as usize;
@@ -427,7 +397,7 @@ impl CloneWorker {
     }
 
     fn submit_zeroes(&mut self, idx: usize, offset: u64, len: u64, unmap: bool) {
-        let s = self.shared.clone();
+        let s = &self.shared;
         let result = if s.dest.kind() == FileKind::BlockDevice {
             // Synchronous: block devices have no asynchronous zero-out through the ring.
             s.dest
@@ -446,11 +416,7 @@ impl CloneWorker {
                 .map(|()| true)
         };
         match result {
-            Ok(true) => {
-                if let Some(Some(r)) = self.reqs.get_mut(idx) {
-                    r.remaining += 1;
-                }
-            }
+            Ok(true) => hold(&mut self.reqs, idx),
             Ok(false) => {}
             Err(e) => self.fail_sub(idx, e),
         }
@@ -502,11 +468,7 @@ impl CloneWorker {
                     .ring
                     .submit_fallocate(&s.dest, mode, start, len, Self::token(idx))
                 {
-                    Ok(()) => {
-                        if let Some(Some(req)) = self.reqs.get_mut(idx) {
-                            req.remaining += 1;
-                        }
-                    }
+                    Ok(()) => hold(&mut self.reqs, idx),
                     Err(e) => log::warn!("clone: discard passdown failed (ignored): {e}"),
                 }
             }
@@ -568,6 +530,36 @@ impl CloneWorker {
                 }
             }
         }
+    }
+}
+
+/// The runs of a read: consecutive segments with the same origin become one I/O
+/// `(from_source, start sector, sectors)`. Unhydrated regions are hinted to the
+/// hydration scheduler while background hydration is enabled.
+fn read_runs(
+    s: &Shared,
+    sector: u64,
+    nr: u64,
+) -> Result<Vec<(bool, u64, u64)>, super::GeometryError> {
+    let hint = s.sched.is_enabled();
+    let mut runs: Vec<(bool, u64, u64)> = Vec::new();
+    for seg in s.geo.split(sector, nr)? {
+        let from_source = !s.map.is_hydrated(seg.region);
+        if from_source && hint && s.sched.hint(seg.region, &s.map) {
+            s.wake_hydrator();
+        }
+        match runs.last_mut() {
+            Some((src, _, n)) if *src == from_source => *n += seg.nr_sectors,
+            _ => runs.push((from_source, seg.sector, seg.nr_sectors)),
+        }
+    }
+    Ok(runs)
+}
+
+/// One more sub-operation of request `idx` is in flight.
+fn hold(reqs: &mut [Option<Req>], idx: usize) {
+    if let Some(Some(r)) = reqs.get_mut(idx) {
+        r.remaining += 1;
     }
 }
 
