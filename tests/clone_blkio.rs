@@ -6,8 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::client::Client;
-use common::daemon::{bin, random_file, scratch, zero_file, Daemon};
+use common::daemon::{bin, random_file, scratch, zero_file, CloneFiles, Daemon};
 use common::rng::Rng;
+use common::util::metadata_check;
 
 const SECTOR: usize = 512;
 const REGION: usize = 4096; // region size 8 sectors
@@ -126,20 +127,13 @@ fn full_check(c: &mut Client, m: &Model, size: usize, what: &str) {
 
 #[test]
 fn model_with_hydration_off_on_and_toggled() {
-    let dir = scratch("clone-model");
-    let p = |n: &str| dir.path().join(n);
     // 8 MiB + 3 sectors: the last region is partial.
     let size = 8 * 1024 * 1024 + 3 * SECTOR;
-    let src = random_file(&p("src"), size, 42);
-    zero_file(&p("dest"), size as u64);
-    zero_file(&p("meta"), 4 << 20);
-    let table = format!(
-        "clone {} {} {} 8 1 no_hydration",
-        p("meta").display(),
-        p("dest").display(),
-        p("src").display()
-    );
-    let d = Daemon::start(dir.path(), &table, &["--num-queues", "2"]);
+    let f = CloneFiles::new("clone-model", size, 42, 4 << 20);
+    let p = |n: &str| f.path(n);
+    let src = f.data.clone();
+    let table = f.table("8 1 no_hydration");
+    let d = Daemon::start(f.dir.path(), &table, &["--num-queues", "2"]);
     let nr = size.div_ceil(REGION) as u64;
     assert_eq!(
         d.ctl_ok(&["status"]),
@@ -184,16 +178,7 @@ fn model_with_hydration_off_on_and_toggled() {
     let dest = std::fs::read(p("dest")).unwrap();
     m.check(0, &dest, "destination file");
     // The metadata is consistent and says everything is hydrated.
-    let out = std::process::Command::new(bin())
-        .args(["metadata", "check"])
-        .arg(p("meta"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "metadata check: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    metadata_check(&p("meta"));
     let dump = std::process::Command::new(bin())
         .args(["metadata", "dump", "--json"])
         .arg(p("meta"))
@@ -206,23 +191,15 @@ fn model_with_hydration_off_on_and_toggled() {
 
 #[test]
 fn restart_keeps_writes_and_hydration_state() {
-    let dir = scratch("clone-restart");
-    let p = |n: &str| dir.path().join(n);
     let size = 4 << 20;
-    let src = random_file(&p("src"), size, 9);
-    zero_file(&p("dest"), size as u64);
-    zero_file(&p("meta"), 4 << 20);
-    let table = format!(
-        "clone {} {} {} 8 1 no_hydration",
-        p("meta").display(),
-        p("dest").display(),
-        p("src").display()
-    );
+    let f = CloneFiles::new("clone-restart", size, 9, 4 << 20);
+    let src = f.data.clone();
+    let table = f.table("8 1 no_hydration");
     let mut m = Model {
         data: src.clone(),
         known: vec![true; size / SECTOR],
     };
-    let d = Daemon::start(dir.path(), &table, &[]);
+    let d = Daemon::start(f.dir.path(), &table, &[]);
     let mut c = Client::connect(&d.socket, 1);
     let mut rng = Rng(77);
     random_io(&mut c, &mut m, &mut rng, 400, size);
@@ -230,7 +207,7 @@ fn restart_keeps_writes_and_hydration_state() {
     let before = status_counts(&d);
     drop(c);
     assert!(d.stop().success());
-    let d = Daemon::start(dir.path(), &table, &[]);
+    let d = Daemon::start(f.dir.path(), &table, &[]);
     assert_eq!(
         status_counts(&d),
         before,

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use blkio::ReqFlags;
 use common::client::Client;
-use common::daemon::{bin, random_file, scratch, zero_file, Daemon};
+use common::daemon::{random_file, scratch, zero_file, Daemon};
 use common::rng::Rng;
+use common::util::metadata_check;
 
 const SECTOR: usize = 512;
 const SIZE: usize = 16 << 20;
@@ -237,16 +238,7 @@ fn sigkill_at_random_moments() {
         killer.join().unwrap();
         drop(c);
         d.kill();
-        let out = std::process::Command::new(bin())
-            .args(["metadata", "check"])
-            .arg(p("meta"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "round {round}: metadata check failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        metadata_check(&p("meta"));
     }
     // Last verification, then let hydration finish and check the destination.
     let d = Daemon::start(dir.path(), &table, &[]);

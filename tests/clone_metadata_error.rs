@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::daemon::{random_file, scratch, zero_file, Daemon};
+use common::util::metadata_check;
 
 struct Mount(std::path::PathBuf);
 impl Drop for Mount {
@@ -106,14 +107,5 @@ fn metadata_write_error_turns_read_only() {
         "events: {text}"
     );
     // What was committed before the failure is intact.
-    let check = Command::new(common::daemon::bin())
-        .args(["metadata", "check"])
-        .arg(mnt.join("meta"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    metadata_check(&mnt.join("meta"));
 }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::client::Client;
-use common::daemon::{random_file, scratch, zero_file, Daemon};
+use common::daemon::{CloneFiles, Daemon};
 use common::util::status_fields;
 
 struct Server(Child);
@@ -47,6 +47,27 @@ fn have(program: &str) -> bool {
     ok
 }
 
+/// qemu-nbd exporting `src` read-only on the unix socket `sock` (up to 8 clients).
+fn qemu_nbd(src: &Path, sock: &Path) -> Server {
+    let _ = std::fs::remove_file(sock);
+    let server = Server(
+        Command::new("qemu-nbd")
+            .args(["--read-only", "--format=raw", "--persistent", "--shared=8"])
+            .arg(format!("--socket={}", sock.display()))
+            .arg(src)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd"),
+    );
+    wait_socket(sock);
+    server
+}
+
+/// The NBD URI of the default export on a unix socket.
+fn nbd_uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}
+
 fn wait_hydrated(d: &Daemon) {
     let t0 = Instant::now();
     loop {
@@ -64,30 +85,17 @@ fn clone_of_a_qemu_nbd_export() {
     if !have("qemu-nbd") {
         return;
     }
-    let dir = scratch("clone-nbd");
-    let p = |n: &str| dir.path().join(n);
     let size = 8 << 20;
-    let mut model = random_file(&p("src"), size, 31);
-    zero_file(&p("dest"), size as u64);
-    zero_file(&p("meta"), 4 << 20);
+    let f = CloneFiles::new("clone-nbd", size, 31, 4 << 20);
+    let p = |n: &str| f.path(n);
+    let mut model = f.data.clone();
     let sock = p("nbd.sock");
-    let _server = Server(
-        Command::new("qemu-nbd")
-            .args(["--read-only", "--format=raw", "--persistent", "--shared=8"])
-            .arg(format!("--socket={}", sock.display()))
-            .arg(p("src"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("qemu-nbd"),
+    let _server = qemu_nbd(&f.src, &sock);
+    let table = f.table_with_source(
+        &nbd_uri(&sock),
+        "8 1 no_hydration 4 hydration_threshold 8 hydration_batch_size 8",
     );
-    wait_socket(&sock);
-    let table = format!(
-        "clone {} {} nbd+unix:///?socket={} 8 1 no_hydration 4 hydration_threshold 8 hydration_batch_size 8",
-        p("meta").display(),
-        p("dest").display(),
-        sock.display()
-    );
-    let d = Daemon::start(dir.path(), &table, &["--num-queues", "2"]);
+    let d = Daemon::start(f.dir.path(), &table, &["--num-queues", "2"]);
     let s = status_fields(&d.ctl_ok(&["status"]));
     assert_eq!(
         s.nr_regions,
@@ -124,12 +132,10 @@ fn failing_nbd_source_stops_hydration() {
     if !have("nbdkit") {
         return;
     }
-    let dir = scratch("clone-nbd-err");
-    let p = |n: &str| dir.path().join(n);
     let size = 4 << 20;
-    let model = random_file(&p("src"), size, 32);
-    zero_file(&p("dest"), size as u64);
-    zero_file(&p("meta"), 4 << 20);
+    let f = CloneFiles::new("clone-nbd-err", size, 32, 4 << 20);
+    let p = |n: &str| f.path(n);
+    let model = f.data.clone();
     let sock = p("nbd.sock");
     let trigger = p("errors-on");
     let _server = Server(
@@ -145,13 +151,8 @@ fn failing_nbd_source_stops_hydration() {
             .expect("nbdkit"),
     );
     wait_socket(&sock);
-    let table = format!(
-        "clone {} {} nbd+unix:///?socket={} 8 1 no_hydration",
-        p("meta").display(),
-        p("dest").display(),
-        sock.display()
-    );
-    let d = Daemon::start(dir.path(), &table, &[]);
+    let table = f.table_with_source(&nbd_uri(&sock), "8 1 no_hydration");
+    let d = Daemon::start(f.dir.path(), &table, &[]);
     let mut c = Client::connect(&d.socket, 1);
     assert!(c.read(0, 0, 4096).unwrap() == model[..4096]);
     // The server starts failing every read.
@@ -191,35 +192,15 @@ fn nbd_server_restart_is_survived() {
     if !have("qemu-nbd") {
         return;
     }
-    let dir = scratch("clone-nbd-restart");
-    let p = |n: &str| dir.path().join(n);
     let size = 4 << 20;
-    let model = random_file(&p("src"), size, 33);
-    zero_file(&p("dest"), size as u64);
-    zero_file(&p("meta"), 4 << 20);
+    let f = CloneFiles::new("clone-nbd-restart", size, 33, 4 << 20);
+    let p = |n: &str| f.path(n);
+    let model = f.data.clone();
     let sock = p("nbd.sock");
-    let start = || {
-        let _ = std::fs::remove_file(&sock);
-        let s = Server(
-            Command::new("qemu-nbd")
-                .args(["--read-only", "--format=raw", "--persistent", "--shared=8"])
-                .arg(format!("--socket={}", sock.display()))
-                .arg(p("src"))
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("qemu-nbd"),
-        );
-        wait_socket(&sock);
-        s
-    };
+    let start = || qemu_nbd(&f.src, &sock);
     let server = start();
-    let table = format!(
-        "clone {} {} nbd+unix:///?socket={} 8 1 no_hydration",
-        p("meta").display(),
-        p("dest").display(),
-        sock.display()
-    );
-    let d = Daemon::start(dir.path(), &table, &[]);
+    let table = f.table_with_source(&nbd_uri(&sock), "8 1 no_hydration");
+    let d = Daemon::start(f.dir.path(), &table, &[]);
     let mut c = Client::connect(&d.socket, 1);
     assert!(c.read(0, 0, 65536).unwrap() == model[..65536]);
     // The server goes away: reads of the source fail cleanly...

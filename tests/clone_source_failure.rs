@@ -10,24 +10,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::client::Client;
-use common::daemon::{bin, random_file, scratch, zero_file, Daemon};
+use common::daemon::{bin, CloneFiles, Daemon};
 use common::util::status_fields;
 
 #[test]
 fn hydration_stops_after_repeated_source_failures() {
-    let dir = scratch("clone-srcfail");
-    let p = |n: &str| dir.path().join(n);
     let size = 8 << 20;
-    let src = random_file(&p("src"), size, 17);
-    zero_file(&p("dest"), size as u64);
-    zero_file(&p("meta"), 4 << 20);
-    let table = format!(
-        "clone {} {} {} 8 1 no_hydration",
-        p("meta").display(),
-        p("dest").display(),
-        p("src").display()
-    );
-    let d = Daemon::start(dir.path(), &table, &[]);
+    let f = CloneFiles::new("clone-srcfail", size, 17, 4 << 20);
+    let p = |n: &str| f.path(n);
+    let src = f.data.clone();
+    let table = f.table("8 1 no_hydration");
+    let d = Daemon::start(f.dir.path(), &table, &[]);
     let mut events = Command::new(bin())
         .args(["events", "--control"])
         .arg(&d.control)

@@ -152,14 +152,9 @@ fn ours_to_kernel() {
     );
 
     let out = GuestRun::new(kernel_script("", ""))
-        .disk(&meta, "meta")
-        .disk(&dest, "dest")
-        .disk_ro(&src, "src")
+        .clone_devices(&meta, &dest, &src)
         .timeout(Duration::from_secs(240))
-        .run()
-        .expect("run-guest");
-    eprintln!("{}", out.log);
-    out.assert_success();
+        .run_ok();
     let kload = out.result("status_load").expect("status_load");
     let kst = out.result("status").expect("status");
     eprintln!(
@@ -228,14 +223,9 @@ fn kernel_to_ours() {
                    sleep 0.3\n\
                    dmsetup message clone 0 disable_hydration\n";
     let out = GuestRun::new(kernel_script(&dd, hydrate))
-        .disk(&meta, "meta")
-        .disk(&dest, "dest")
-        .disk_ro(&src, "src")
+        .clone_devices(&meta, &dest, &src)
         .timeout(Duration::from_secs(240))
-        .run()
-        .expect("run-guest");
-    eprintln!("{}", out.log);
-    out.assert_success();
+        .run_ok();
     assert_eq!(out.result("removed").as_deref(), Some("yes"));
     let kst = out.result("status").expect("status");
     let ksha = out.result("sha256").expect("sha256");

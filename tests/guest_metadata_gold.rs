@@ -140,14 +140,9 @@ echo "RESULT removed=yes"
         sectors = case.target_sectors
     );
     let out = GuestRun::new(script)
-        .disk(&meta, "meta")
-        .disk(&dest, "dest")
-        .disk_ro(&src, "src")
+        .clone_devices(&meta, &dest, &src)
         .timeout(Duration::from_secs(240))
-        .run()
-        .expect("run-guest");
-    eprintln!("{}", out.log);
-    out.assert_success();
+        .run_ok();
     assert_eq!(out.result("removed").as_deref(), Some("yes"));
     let load = out.result("status_load").expect("status_load");
     let last = out.result("status_last").expect("status_last");

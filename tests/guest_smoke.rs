@@ -40,9 +40,7 @@ dmsetup remove clone
 echo "RESULT removed=yes"
 "#;
     let out = GuestRun::new(script)
-        .disk(&meta, "meta")
-        .disk(&dest, "dest")
-        .disk_ro(&src, "src")
+        .clone_devices(&meta, &dest, &src)
         .timeout(Duration::from_secs(300))
         .run()
         .expect("run-guest");

@@ -134,3 +134,53 @@ pub fn zero_file(path: &Path, len: u64) {
     let f = std::fs::File::create(path).expect("create");
     f.set_len(len).expect("set_len");
 }
+
+/// The three files of a clone in a scratch directory: a random source (`data` holds its
+/// bytes), a zeroed destination of the same size, and a zeroed metadata device.
+pub struct CloneFiles {
+    pub dir: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dest: PathBuf,
+    pub meta: PathBuf,
+    pub data: Vec<u8>,
+}
+
+impl CloneFiles {
+    pub fn new(name: &str, size: usize, seed: u64, meta_bytes: u64) -> Self {
+        let dir = scratch(name);
+        let (src, dest, meta) = (
+            dir.path().join("src"),
+            dir.path().join("dest"),
+            dir.path().join("meta"),
+        );
+        let data = random_file(&src, size, seed);
+        zero_file(&dest, size as u64);
+        zero_file(&meta, meta_bytes);
+        CloneFiles {
+            dir,
+            src,
+            dest,
+            meta,
+            data,
+        }
+    }
+
+    /// A file in the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `clone META DEST SRC ARGS` (ARGS: region size, features, core args).
+    pub fn table(&self, args: &str) -> String {
+        self.table_with_source(&self.src.display().to_string(), args)
+    }
+
+    /// The same with another source (an NBD URI, say).
+    pub fn table_with_source(&self, source: &str, args: &str) -> String {
+        format!(
+            "clone {} {} {source} {args}",
+            self.meta.display(),
+            self.dest.display()
+        )
+    }
+}

@@ -169,6 +169,22 @@ impl GuestRun {
         self
     }
 
+    /// The three devices of a clone as plain disks: `$DISK_meta`, `$DISK_dest`, and the
+    /// source read-only as `$DISK_src`.
+    pub fn clone_devices(self, meta: &Path, dest: &Path, src: &Path) -> Self {
+        self.disk(meta, "meta")
+            .disk(dest, "dest")
+            .disk_ro(src, "src")
+    }
+
+    /// Run, print the log, and require a clean exit of the script.
+    pub fn run_ok(&self) -> GuestOutput {
+        let out = self.run().expect("run-guest");
+        eprintln!("{}", out.log);
+        out.assert_success();
+        out
+    }
+
     /// Kill QEMU after `timeout` (whole seconds, at least 1).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
