@@ -151,14 +151,7 @@ pub fn check_device(dev: &dyn MetaDevice) -> Result<CheckReport, MetadataError> 
             l.geo.nr_words
         ));
     }
-    let nr_words = usize::try_from(l.geo.nr_words).unwrap_or(usize::MAX);
-    let hydrated = l
-        .words
-        .get(..nr_words)
-        .unwrap_or(&[])
-        .iter()
-        .map(|w| u64::from(w.count_ones()))
-        .sum();
+    let hydrated = l.hydrated_count();
     Ok(CheckReport {
         problems,
         nr_blocks: l.sm.nr_blocks(),

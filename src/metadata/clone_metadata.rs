@@ -111,14 +111,7 @@ impl CloneMetadata {
         expect: Option<(u64, u64)>,
     ) -> Result<Self, MetadataError> {
         let l = load(&*dev, expect)?;
-        let nr_words = usize::try_from(l.geo.nr_words).unwrap_or(usize::MAX);
-        let hydrated = l
-            .words
-            .get(..nr_words)
-            .unwrap_or(&[])
-            .iter()
-            .map(|w| u64::from(w.count_ones()))
-            .sum();
+        let hydrated = l.hydrated_count();
         Ok(CloneMetadata {
             dev,
             sb: l.sb,

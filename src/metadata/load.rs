@@ -172,6 +172,18 @@ pub(crate) fn mask_tail(words: &mut [u64], nr_regions: u64) -> bool {
 }
 
 impl Loaded {
+    /// Regions marked hydrated in the loaded bitset (bits past the region count are not
+    /// counted; the loader keeps them zero).
+    pub(crate) fn hydrated_count(&self) -> u64 {
+        let nr_words = usize::try_from(self.geo.nr_words).unwrap_or(usize::MAX);
+        self.words
+            .get(..nr_words)
+            .unwrap_or(&[])
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
     /// Every block reachable from the superblock, with its kind.
     pub fn reachable(&self) -> Vec<(u64, BlockKind)> {
         let mut v = vec![(0, BlockKind::Superblock)];
