@@ -28,6 +28,8 @@ pub struct ServeOptions {
     pub num_queues: u16,
     pub threads: usize,
     pub queue_size: u16,
+    /// Longest a queue thread busy-polls after its last request, in microseconds (0 = off).
+    pub poll_us: u32,
     pub read_only: bool,
     pub serial: String,
     pub logical_block_size: u32,
@@ -232,6 +234,7 @@ fn run_device(dev: Arc<Device>, opts: &ServeOptions) -> anyhow::Result<()> {
         // Segments go to the kernel as iovecs: no reason to make the guest split them.
         // (libblkio computes size_max * seg_max in an i32: keep the product below 2 GiB.)
         size_max: 16 << 20,
+        poll_us: opts.poll_us,
         ..DeviceOptions::default()
     };
     log::info!(

@@ -533,6 +533,10 @@ impl BlockWorker for DeviceWorker {
         self.publish_in_flight();
     }
 
+    fn completions_ready(&mut self) -> bool {
+        each!(&mut self.inner, x => x.completions_ready())
+    }
+
     fn in_flight(&self) -> usize {
         each!(&self.inner, x => x.in_flight()) + self.held.len()
     }

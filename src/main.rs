@@ -143,6 +143,11 @@ struct ServeArgs {
     /// Maximum virtqueue size (power of two).
     #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
+    /// Longest a queue thread busy-polls its rings and completions after its last request,
+    /// in microseconds, before it sleeps (adaptive: shrinks while the device is idle); 0 turns
+    /// polling off.
+    #[arg(long, value_name = "US", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    poll_us: u32,
     /// Refuse writes, discards and write-zeroes (the guest sees a read-only disk).
     #[arg(long)]
     read_only: bool,
@@ -220,6 +225,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         num_queues: args.num_queues,
         threads,
         queue_size: args.queue_size,
+        poll_us: args.poll_us,
         read_only: args.read_only,
         serial: args.serial,
         logical_block_size: args.logical_block_size,

@@ -261,6 +261,12 @@ impl Ring {
         }
     }
 
+    /// Whether the completion queue holds entries [`Ring::reap`] would collect; a read of
+    /// shared memory, no system call (for busy-polling).
+    pub fn completions_ready(&mut self) -> bool {
+        self.in_flight > 0 && !self.ring.completion().is_empty()
+    }
+
     /// Operations submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         self.in_flight

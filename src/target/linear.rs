@@ -718,6 +718,10 @@ impl BlockWorker for LinearWorker {
         done.append(&mut self.ready);
     }
 
+    fn completions_ready(&mut self) -> bool {
+        !self.ready.is_empty() || self.ring.completions_ready()
+    }
+
     fn in_flight(&self) -> usize {
         self.pending.len() + self.ready.len()
     }

@@ -131,6 +131,14 @@ pub trait BlockWorker: Send + 'static {
     /// Append every finished request to `done`. Must not block.
     fn reap(&mut self, done: &mut Vec<Completion>);
 
+    /// Whether [`reap`](Self::reap) would hand back something now, judged without a system
+    /// call (e.g. by looking at an io_uring completion queue). Called in a busy-poll loop,
+    /// so it must be cheap. A false `false` only delays a completion until the eventfd
+    /// wakes the thread; the default never claims anything is ready.
+    fn completions_ready(&mut self) -> bool {
+        false
+    }
+
     /// Number of requests submitted and not yet reaped.
     fn in_flight(&self) -> usize;
 

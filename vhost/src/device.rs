@@ -7,7 +7,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -32,6 +32,7 @@ use crate::block::{
     BlockBackend, BlockError, BlockOp, BlockWorker, Completion, GuestBuf, RequestObserver,
 };
 use crate::config::{BlkConfig, ConfigOptions};
+use crate::poll::AdaptivePoll;
 use crate::request::{
     self, Desc, Limits, ParseError, Request, HEADER_LEN, ID_LEN, SEGMENT_LEN, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -129,6 +130,7 @@ struct ThreadState<W> {
     bufs: Vec<GuestBuf>,
     /// Local queue index -> global queue index.
     globals: Vec<usize>,
+    poll: AdaptivePoll,
 }
 
 fn tag_of(local: usize, slot: u32) -> u64 {
@@ -214,6 +216,7 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 done: Vec::new(),
                 descs: Vec::new(),
                 bufs: Vec::new(),
+                poll: AdaptivePoll::new(Duration::from_micros(u64::from(opts.poll_us))),
             }));
         }
         let limits = Limits {
@@ -539,6 +542,48 @@ impl<B: BlockBackend> VhostUserBlk<B> {
     }
 
     /// Reap the worker, complete requests to the guest and notify it.
+    /// Busy-poll this thread's avail rings and its worker's completions until nothing new
+    /// came for the adaptive window, then let the thread sleep in epoll. Bounded: after
+    /// [`MAX_POLL_BUSY`] of continuous work it returns anyway, so the epoll loop still sees
+    /// its exit and control events.
+    fn poll(&self, ts: &mut ThreadState<B::Worker>) {
+        if !ts.poll.enabled() {
+            return;
+        }
+        let window = ts.poll.window();
+        let start = Instant::now();
+        let mut last_work = start;
+        if !window.is_zero() && !ts.vrings.is_empty() {
+            if let Some(mem) = self.memory() {
+                loop {
+                    let mut worked = false;
+                    if ts.worker.completions_ready() {
+                        self.complete(ts);
+                        worked = true;
+                    }
+                    for local in 0..ts.vrings.len() {
+                        if ts.vrings.get(local).is_some_and(|v| avail_pending(v, &mem)) {
+                            self.process_queue(ts, local);
+                            worked = true;
+                        }
+                    }
+                    let now = Instant::now();
+                    if worked {
+                        last_work = now;
+                        if now.saturating_duration_since(start) >= MAX_POLL_BUSY {
+                            break;
+                        }
+                    } else if now.saturating_duration_since(last_work) >= window {
+                        break;
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+        ts.poll.went_idle(last_work);
+    }
+
     fn complete(&self, ts: &mut ThreadState<B::Worker>) {
         let mut done = std::mem::take(&mut ts.done);
         ts.worker.reap(&mut done);
@@ -577,6 +622,23 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             }
         }
     }
+}
+
+/// Longest a poll loop keeps going while there is work, before it returns to epoll.
+const MAX_POLL_BUSY: Duration = Duration::from_millis(1);
+
+/// The frontend made requests available that this thread has not popped yet (an enabled,
+/// ready queue whose avail index moved). Reads two bytes of guest memory; no system call.
+fn avail_pending(vring: &Vring, mem: &Mem) -> bool {
+    let state = vring.get_ref();
+    if !state.is_enabled() {
+        return false;
+    }
+    let queue = state.get_queue();
+    queue.ready()
+        && queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
 }
 
 /// Turn guest data descriptors into host buffers, splitting a descriptor that spans
@@ -692,6 +754,9 @@ impl<B: BlockBackend> VhostUserBackend for VhostUserBlk<B> {
             return Ok(());
         };
         let mut ts = lock(t);
+        if ts.poll.enabled() {
+            ts.poll.woke(Instant::now());
+        }
         if ts.vrings.len() != vrings.len() {
             ts.vrings = vrings.to_vec();
         }
@@ -702,6 +767,7 @@ impl<B: BlockBackend> VhostUserBackend for VhostUserBlk<B> {
             debug!("thread {thread_id}: unexpected event {device_event}");
         }
         self.complete(&mut ts);
+        self.poll(&mut ts);
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ pub use block::{
     RequestObserver, SECTOR_SIZE,
 };
 pub mod device;
+pub mod poll;
 pub mod server;
 
 pub use device::VhostUserBlk;

@@ -31,6 +31,9 @@ pub struct DeviceOptions {
     pub seg_max: u32,
     /// Largest data segment in bytes (0 = no limit, SIZE_MAX not offered).
     pub size_max: u32,
+    /// Longest a queue thread busy-polls its rings after the last piece of work, in
+    /// microseconds (adaptive, see [`crate::poll`]); 0 = always sleep in epoll.
+    pub poll_us: u32,
 }
 
 impl Default for DeviceOptions {
@@ -42,6 +45,7 @@ impl Default for DeviceOptions {
             serial: String::new(),
             seg_max: 126,
             size_max: 1 << 20,
+            poll_us: 0,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -20,6 +21,8 @@ struct MemBackend {
     data: Arc<Mutex<Vec<u8>>>,
     read_only: bool,
     refuse_writes: Arc<Mutex<bool>>,
+    /// Completions a busy-polling queue thread found through `completions_ready`.
+    polled: Arc<AtomicUsize>,
 }
 
 struct MemWorker {
@@ -27,6 +30,7 @@ struct MemWorker {
     refuse_writes: Arc<Mutex<bool>>,
     efd: EventFd,
     done: Vec<Completion>,
+    polled: Arc<AtomicUsize>,
 }
 
 impl BlockBackend for MemBackend {
@@ -50,6 +54,7 @@ impl BlockBackend for MemBackend {
             refuse_writes: self.refuse_writes.clone(),
             efd: EventFd::new(EFD_NONBLOCK)?,
             done: Vec::new(),
+            polled: self.polled.clone(),
         })
     }
 }
@@ -119,6 +124,13 @@ impl BlockWorker for MemWorker {
         let _ = self.efd.read();
         done.append(&mut self.done);
     }
+    fn completions_ready(&mut self) -> bool {
+        let ready = !self.done.is_empty();
+        if ready {
+            self.polled.fetch_add(1, Ordering::Relaxed);
+        }
+        ready
+    }
     fn in_flight(&self) -> usize {
         self.done.len()
     }
@@ -131,19 +143,32 @@ struct Server {
     thread: Option<JoinHandle<()>>,
     data: Arc<Mutex<Vec<u8>>>,
     refuse_writes: Arc<Mutex<bool>>,
+    polled: Arc<AtomicUsize>,
 }
 
 impl Server {
     fn start(name: &str, read_only: bool, num_queues: u16, threads: usize) -> Server {
+        Server::start_polling(name, read_only, num_queues, threads, 0)
+    }
+
+    fn start_polling(
+        name: &str,
+        read_only: bool,
+        num_queues: u16,
+        threads: usize,
+        poll_us: u32,
+    ) -> Server {
         let path = std::env::temp_dir().join(format!("vub-{}-{name}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let data = Arc::new(Mutex::new(vec![0u8; (SECTORS * SECTOR_SIZE) as usize]));
         let refuse_writes = Arc::new(Mutex::new(false));
+        let polled = Arc::new(AtomicUsize::new(0));
         let backend = Arc::new(MemBackend {
             data: data.clone(),
             read_only,
             refuse_writes: refuse_writes.clone(),
+            polled: polled.clone(),
         });
         let stop = StopHandle::new().unwrap();
         let stop2 = stop.clone();
@@ -154,6 +179,7 @@ impl Server {
             serial: "test-serial".into(),
             seg_max: 126,
             size_max: 1 << 20,
+            poll_us,
         };
         let thread = std::thread::spawn(move || serve(backend, &opts, listener, &stop2).unwrap());
         Server {
@@ -162,6 +188,7 @@ impl Server {
             thread: Some(thread),
             data,
             refuse_writes,
+            polled,
         }
     }
 }
@@ -286,6 +313,22 @@ fn read_write_flush_discard_write_zeroes() {
 #[test]
 fn multi_queue_concurrent() {
     let srv = Server::start("mq", false, 4, 2);
+    write_read_back_on_every_queue(&srv);
+    assert_eq!(srv.polled.load(Ordering::Relaxed), 0, "polling is off");
+}
+
+#[test]
+fn multi_queue_concurrent_busy_polling() {
+    // A long maximum window: the queue threads find most requests and completions by
+    // polling once the adaptive window has grown.
+    let srv = Server::start_polling("mq-poll", false, 4, 2, 1000);
+    write_read_back_on_every_queue(&srv);
+    let polled = srv.polled.load(Ordering::Relaxed);
+    assert!(polled > 0, "no completion was found by polling");
+}
+
+/// Four threads, one per queue, each writing and reading back 20 blocks of its own.
+fn write_read_back_on_every_queue(srv: &Server) {
     let c = connect(&srv.path, 4);
     let Client {
         blkio,

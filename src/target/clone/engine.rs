@@ -150,6 +150,11 @@ impl Mailbox {
         }
     }
 
+    /// Whether anything is queued (one uncontended lock, no system call).
+    pub fn has_items(&self) -> bool {
+        !lock(&self.items).is_empty()
+    }
+
     /// Take every queued item.
     pub fn take(&self) -> Vec<MailItem> {
         std::mem::take(&mut *lock(&self.items))

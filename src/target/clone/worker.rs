@@ -595,6 +595,12 @@ impl BlockWorker for CloneWorker {
         done.append(&mut self.ready);
     }
 
+    fn completions_ready(&mut self) -> bool {
+        !self.ready.is_empty()
+            || self.ring.completions_ready()
+            || ((self.parked > 0 || self.remote > 0) && self.mailbox.has_items())
+    }
+
     fn in_flight(&self) -> usize {
         self.ring.in_flight() + self.parked + self.remote + self.ready.len()
     }
