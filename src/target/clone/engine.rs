@@ -207,8 +207,13 @@ pub struct Shared {
     /// an atomic rather than a lock shared by all queues.
     mode: AtomicU8,
     pub events: EventHub,
-    /// Wakes the hydration thread (new urgent work, flush requests, settings, stop).
+    /// Wakes the hydration thread (new urgent work, settings, stop).
     pub hydrator_wake: EventFd,
+    /// Wakes the commit thread (flush requests, completion, stop).
+    pub committer_wake: EventFd,
+    /// Tells the commit thread to do its last round and exit (set after the hydration
+    /// thread has exited).
+    pub committer_stop: AtomicBool,
     /// Flush requests waiting for the next commit.
     pub flushes: Mutex<Vec<(Arc<Mailbox>, u64)>>,
     pub stop: AtomicBool,
@@ -245,6 +250,13 @@ impl Shared {
     pub fn wake_hydrator(&self) {
         if let Err(e) = self.hydrator_wake.write(1) {
             log::error!("cannot wake the hydration thread: {e}");
+        }
+    }
+
+    /// Wake the commit thread.
+    pub fn wake_committer(&self) {
+        if let Err(e) = self.committer_wake.write(1) {
+            log::error!("cannot wake the commit thread: {e}");
         }
     }
 
@@ -338,6 +350,7 @@ impl Shared {
 pub struct CloneTarget {
     shared: Arc<Shared>,
     hydrator: Mutex<Option<JoinHandle<()>>>,
+    committer: Mutex<Option<JoinHandle<()>>>,
     read_only: bool,
 }
 
@@ -419,6 +432,8 @@ impl CloneTarget {
             mode: AtomicU8::new(rank_of_mode(MetadataMode::Rw)),
             events: EventHub::new(),
             hydrator_wake: EventFd::new(EFD_NONBLOCK).map_err(CloneError::EventFd)?,
+            committer_wake: EventFd::new(EFD_NONBLOCK).map_err(CloneError::EventFd)?,
+            committer_stop: AtomicBool::new(false),
             flushes: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             started: Instant::now(),
@@ -433,6 +448,21 @@ impl CloneTarget {
             .name("hydrator".into())
             .spawn(move || super::hydrator::run(thread_shared))
             .map_err(CloneError::Thread)?;
+        let thread_shared = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || super::committer::run(thread_shared));
+        let committer = match committer {
+            Ok(c) => c,
+            Err(e) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                shared.wake_hydrator();
+                if hydrator.join().is_err() {
+                    log::error!("the hydration thread panicked");
+                }
+                return Err(CloneError::Thread(e));
+            }
+        };
         log::info!(
             "clone: {} regions of {} sectors, {} hydrated, background hydration {}",
             shared.geo.nr_regions(),
@@ -443,6 +473,7 @@ impl CloneTarget {
         Ok(Arc::new(CloneTarget {
             shared,
             hydrator: Mutex::new(Some(hydrator)),
+            committer: Mutex::new(Some(committer)),
             read_only,
         }))
     }
@@ -452,6 +483,7 @@ impl CloneTarget {
     pub fn activate(&self) {
         self.shared.active.store(true, Ordering::SeqCst);
         self.shared.wake_hydrator();
+        self.shared.wake_committer();
     }
 
     /// Shared state (status, events).
@@ -508,13 +540,21 @@ impl CloneTarget {
         Ok(())
     }
 
-    /// Stop the hydration thread: in-flight copies finish, the metadata is committed.
+    /// Stop the hydration and commit threads: in-flight copies finish, waiting flushes are
+    /// answered, the metadata is committed.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake_hydrator();
         if let Some(handle) = lock(&self.hydrator).take() {
             if handle.join().is_err() {
                 log::error!("the hydration thread panicked");
+            }
+        }
+        self.shared.committer_stop.store(true, Ordering::SeqCst);
+        self.shared.wake_committer();
+        if let Some(handle) = lock(&self.committer).take() {
+            if handle.join().is_err() {
+                log::error!("the commit thread panicked");
             }
         }
         if let Err(e) = self.shared.commit() {

@@ -1,14 +1,13 @@
 //! The hydration thread: an epoll-style loop (poll on the ring's eventfd and a wake
 //! eventfd) that copies regions from the source to the destination with O_DIRECT
 //! through aligned buffers, up to `hydration_threshold` regions in flight in batches of
-//! up to `hydration_batch_size` contiguous regions; it also owns every metadata commit
-//! (guest flushes and the one-second timer) and announces completion.
+//! up to `hydration_batch_size` contiguous regions. Commits run on their own thread
+//! ([`super::committer`]), so copying goes on while the destination flushes.
 
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use vhost_user_blk::SECTOR_SIZE;
 
@@ -19,8 +18,6 @@ use crate::source::ReadDst;
 
 /// Largest single read/write of a copy; bigger batches are copied in pieces.
 const CHUNK_BYTES: u64 = 4 << 20;
-/// Commit at least this often while anything changed (dm-clone: every second).
-const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 const RING_ENTRIES: u32 = 128;
 /// How soon to look again when background copies yield to guest I/O.
 const BACKOFF_POLL_MS: i32 = 5;
@@ -45,7 +42,6 @@ struct Hydrator {
     ring: Ring,
     jobs: Vec<Option<CopyJob>>,
     spare: Vec<AlignedBuf>,
-    last_commit: Instant,
 }
 
 /// Entry point of the thread.
@@ -63,7 +59,6 @@ pub fn run(s: Arc<Shared>) {
         ring,
         jobs: Vec::new(),
         spare: Vec::new(),
-        last_commit: Instant::now(),
     };
     h.run();
 }
@@ -93,11 +88,6 @@ impl Hydrator {
             if let Err(e) = self.ring.kick() {
                 log::error!("hydration: submitting copies: {e}");
             }
-            self.serve_flushes();
-            if self.s.map.is_dirty() && self.last_commit.elapsed() >= COMMIT_INTERVAL {
-                self.commit();
-            }
-            self.check_complete();
             self.wait();
             self.ring.reap(&mut completions);
             let remote = std::mem::take(&mut *lock(&self.s.remote_copies));
@@ -113,8 +103,11 @@ impl Hydrator {
             for c in completions.drain(..) {
                 self.on_completion(c);
             }
+            if self.s.map.all_hydrated() && !self.s.complete_announced.load(Ordering::SeqCst) {
+                // The commit thread announces completion after its commit.
+                self.s.wake_committer();
+            }
         }
-        self.serve_flushes();
     }
 
     fn wait(&self) {
@@ -139,46 +132,12 @@ impl Hydrator {
         let timeout_ms = if backing_off {
             // Background copies wait while guest I/O is in flight: look again soon.
             BACKOFF_POLL_MS
-        } else if self.s.map.is_dirty() {
-            let left = COMMIT_INTERVAL.saturating_sub(self.last_commit.elapsed());
-            i32::try_from(left.as_millis()).unwrap_or(1000).max(1)
         } else {
             1000
         };
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
         let _ = self.s.hydrator_wake.read();
-    }
-
-    fn commit(&mut self) {
-        self.last_commit = Instant::now();
-        if let Err(e) = self.s.commit() {
-            log::error!("clone: {e}");
-        }
-    }
-
-    fn serve_flushes(&mut self) {
-        let waiting = std::mem::take(&mut *lock(&self.s.flushes));
-        if waiting.is_empty() {
-            return;
-        }
-        self.last_commit = Instant::now();
-        let result = self.s.commit();
-        for (mailbox, tag) in waiting {
-            mailbox.post(MailItem::FlushDone(tag, result.clone()));
-        }
-    }
-
-    fn check_complete(&mut self) {
-        if !self.s.map.all_hydrated() || self.s.complete_announced.load(Ordering::SeqCst) {
-            return;
-        }
-        self.commit();
-        if !self.s.map.is_dirty() && self.s.mode() == MetadataMode::Rw {
-            self.s.complete_announced.store(true, Ordering::SeqCst);
-            log::info!("clone: every region is hydrated");
-            self.s.events.publish(&Event::HydrationComplete);
-        }
     }
 
     fn byte_range(&self, regions: &Range<u64>) -> (u64, u64) {

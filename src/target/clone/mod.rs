@@ -29,6 +29,7 @@ pub use region_map::{RegionMap, RegionMapError};
 pub use scheduler::{Batch, BatchKind, Scheduler, SchedulerConfig, SchedulerError};
 pub use status::{CloneStatus, HydrationState, StatusJson};
 
+pub mod committer;
 pub mod engine;
 pub mod guest_io;
 pub mod hydrator;

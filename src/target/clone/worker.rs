@@ -7,7 +7,7 @@
 //!   region is hydrated (urgently), then the request runs again from the start.
 //! - DISCARD: whole unhydrated regions are marked hydrated without copying; the
 //!   region-aligned range is passed down unless `no_discard_passdown`.
-//! - FLUSH: handed to the hydration thread, which flushes the destination and commits
+//! - FLUSH: handed to the commit thread, which flushes the destination and commits
 //!   the metadata, then posts the completion back here.
 
 use std::io;
@@ -142,7 +142,7 @@ impl CloneWorker {
             }
         }
         if ok && !req.overwrites.is_empty() && self.shared.map.all_hydrated() {
-            self.shared.wake_hydrator();
+            self.shared.wake_committer();
         }
         self.ready.push(Completion {
             tag: req.tag,
@@ -479,7 +479,7 @@ impl CloneWorker {
     fn flush(&mut self, tag: u64) {
         self.parked += 1;
         lock(&self.shared.flushes).push((self.mailbox.clone(), tag));
-        self.shared.wake_hydrator();
+        self.shared.wake_committer();
     }
 
     /// Finish what the ring completed, run what other threads posted, push new I/O.
