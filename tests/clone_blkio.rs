@@ -245,3 +245,54 @@ fn bad_tables_are_refused_with_clear_errors() {
     assert!(run(format!("clone {m} {small} {s} 8 1 turbo")).contains("unknown feature"));
     assert!(run(format!("clone {m} {small} /nonexistent 8")).contains("/nonexistent"));
 }
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+#[test]
+fn whole_device_discard_hydrates_everything_in_bounded_memory() {
+    // 64 GiB at 4 KiB regions: 16 Mi regions. One guest discard of the whole device marks
+    // every region hydrated (dm-clone: discarded regions need no copy) without per-region
+    // state piling up: the daemon stays within nr_regions/8 + 32 MiB (issue 6's bound).
+    const SIZE: u64 = 64 << 30;
+    let dir = scratch("clone-discard-all");
+    let p = |n: &str| dir.path().join(n);
+    for (name, len) in [("src", SIZE), ("dest", SIZE), ("meta", 32 << 20)] {
+        std::fs::File::create(p(name))
+            .and_then(|f| f.set_len(len))
+            .expect("sparse file");
+    }
+    let table = format!(
+        "clone {} {} {} 8 1 no_hydration",
+        p("meta").display(),
+        p("dest").display(),
+        p("src").display()
+    );
+    let d = Daemon::start(dir.path(), &table, &["--num-queues", "1"]);
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.capacity(), SIZE);
+    assert_eq!(c.discard(0, 0, SIZE), 0, "whole-device discard");
+    let (h, n) = status_counts(&d);
+    assert_eq!((h, n), (SIZE / REGION as u64, SIZE / REGION as u64));
+    let peak = peak_rss(d.child.id());
+    let bound = (n / 8) + (32 << 20);
+    assert!(
+        peak <= bound,
+        "peak RSS {} MiB above the {} MiB bound",
+        peak >> 20,
+        bound >> 20
+    );
+    drop(c);
+    assert!(d.stop().success());
+    let check = metadata_check(&p("meta"));
+    assert!(check.contains("16777216/16777216"), "{check}");
+}

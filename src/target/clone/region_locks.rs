@@ -68,6 +68,15 @@ pub struct RegionLocks<W> {
     hydrating: AtomicU64,
 }
 
+/// Give back a shard's table once it has emptied out: one big discard or batch can
+/// put tens of thousands of regions in flight, and a hash table never shrinks by itself.
+fn trim<W>(shard: &mut HashMap<u64, State<W>>) {
+    const KEEP: usize = 256;
+    if shard.capacity() > KEEP && shard.len() < shard.capacity() / 8 {
+        shard.shrink_to((shard.len() * 2).max(KEEP / 2));
+    }
+}
+
 impl<W> Default for RegionLocks<W> {
     fn default() -> Self {
         Self::new()
@@ -129,6 +138,7 @@ impl<W> RegionLocks<W> {
         match shard.remove(&r) {
             Some(State::Hydrating(w)) => {
                 self.hydrating.fetch_sub(1, Ordering::SeqCst);
+                trim(&mut shard);
                 w
             }
             Some(other) => {
@@ -222,7 +232,10 @@ impl<W> RegionLocks<W> {
     pub fn finish_overwrite(&self, r: u64) -> Vec<W> {
         let mut shard = self.shard(r);
         match shard.remove(&r) {
-            Some(State::Overwriting(n, ws)) if n <= 1 => ws,
+            Some(State::Overwriting(n, ws)) if n <= 1 => {
+                trim(&mut shard);
+                ws
+            }
             Some(State::Overwriting(n, ws)) => {
                 shard.insert(r, State::Overwriting(n - 1, ws));
                 Vec::new()

@@ -442,18 +442,25 @@ impl CloneWorker {
         if s.mode() != MetadataMode::Rw && (range.start..range.end).any(|r| !s.map.is_hydrated(r)) {
             return self.complete_now(tag, Err(BlockError::ReadOnly));
         }
-        // Whole unhydrated regions not being copied become hydrated without a copy
-        // (a region whose copy is in flight gets its source data: discard is a hint).
-        let mut taken = Vec::new();
+        // Whole unhydrated regions not being copied become hydrated without a copy, at
+        // once: a discarded range reads as unspecified data, so nothing waits for the
+        // passdown, and a discard of the whole device holds no per-region state (memory
+        // stays flat however large the guest's request). A region whose copy is in flight
+        // keeps its source data: discard is a hint.
+        let mut marked = false;
         for r in range.clone() {
             if !s.map.is_hydrated(r) && s.locks.start_overwrite(r) {
-                taken.push(r);
+                s.map.mark_hydrated(r);
+                for w in s.locks.finish_overwrite(r) {
+                    w.mailbox.post(MailItem::Resume(w.req));
+                }
+                marked = true;
             }
         }
-        let idx = self.new_req(tag, false);
-        if let Some(Some(req)) = self.reqs.get_mut(idx) {
-            req.overwrites = taken;
+        if marked && s.map.all_hydrated() {
+            s.wake_committer();
         }
+        let idx = self.new_req(tag, false);
         if !s.spec.no_discard_passdown {
             let start = range.start * s.geo.region_sectors() * SECTOR_SIZE;
             let end = (range.end * s.geo.region_sectors()).min(s.len) * SECTOR_SIZE;
