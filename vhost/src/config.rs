@@ -20,6 +20,8 @@ pub struct ConfigOptions {
     pub num_queues: u16,
     /// `writeback`: 1 = write-back cache (the guest must flush), 0 = write-through.
     pub writeback: u8,
+    /// `max_write_zeroes_sectors` (capped by the capacity).
+    pub max_write_zeroes_sectors: u32,
 }
 
 /// The config space as the guest sees it.
@@ -57,7 +59,8 @@ impl BlkConfig {
             put(&mut b, 44, &align.to_le_bytes()); // discard_sector_alignment
         }
         if geo.write_zeroes {
-            put(&mut b, 48, &max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+            let max_wz = max_sectors.min(opts.max_write_zeroes_sectors);
+            put(&mut b, 48, &max_wz.to_le_bytes()); // max_write_zeroes_sectors
             put(&mut b, 52, &1u32.to_le_bytes()); // max_write_zeroes_seg
             put(&mut b, 56, &[1]); // write_zeroes_may_unmap
         }
@@ -133,6 +136,7 @@ mod tests {
                 seg_max: 126,
                 num_queues: 4,
                 writeback: 1,
+                max_write_zeroes_sectors: 65536,
             },
         )
     }
@@ -160,7 +164,7 @@ mod tests {
         assert_eq!(le32(b, 36), u32::MAX);
         assert_eq!(le32(b, 40), 1);
         assert_eq!(le32(b, 44), 128);
-        assert_eq!(le32(b, 48), u32::MAX);
+        assert_eq!(le32(b, 48), 65536, "max_write_zeroes_sectors as offered");
         assert_eq!(le32(b, 52), 1);
         assert_eq!(b[56], 1);
     }
@@ -177,6 +181,7 @@ mod tests {
                 seg_max: 1,
                 num_queues: 1,
                 writeback: 0,
+                max_write_zeroes_sectors: 65536,
             },
         );
         assert!(c.as_bytes()[36..60].iter().all(|&x| x == 0));

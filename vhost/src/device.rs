@@ -226,6 +226,7 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             read_only: geo.read_only,
             discard: geo.discard,
             write_zeroes: geo.write_zeroes,
+            max_write_zeroes_sectors: opts.max_write_zeroes_sectors.max(1),
         };
         let bit = |b: u32| 1u64 << b;
         let mut features = bit(VIRTIO_F_VERSION_1)
@@ -261,6 +262,7 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 seg_max: limits.seg_max,
                 num_queues: u16::try_from(num_queues).unwrap_or(1),
                 writeback: 1,
+                max_write_zeroes_sectors: limits.max_write_zeroes_sectors,
             },
         );
         Ok(VhostUserBlk {

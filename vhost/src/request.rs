@@ -59,6 +59,8 @@ pub struct Limits {
     pub discard: bool,
     /// VIRTIO_BLK_F_WRITE_ZEROES offered.
     pub write_zeroes: bool,
+    /// Largest write-zeroes request in sectors (`max_write_zeroes_sectors`).
+    pub max_write_zeroes_sectors: u32,
 }
 
 /// A validated request; data descriptors are borrowed from the chain.
@@ -126,6 +128,9 @@ pub enum ParseError {
     /// Discard/write-zeroes segment list of the wrong size (max_*_seg = 1).
     #[error("discard/write-zeroes payload of {0} bytes is not exactly one 16-byte segment")]
     BadSegmentList(u64),
+    /// A write-zeroes request above `max_write_zeroes_sectors`.
+    #[error("write-zeroes of {nr_sectors} sectors exceeds max_write_zeroes_sectors {max}")]
+    WriteZeroesTooLarge { nr_sectors: u64, max: u32 },
     /// Unknown flag, or UNMAP on a discard.
     #[error("discard/write-zeroes flags {0:#x} not supported")]
     BadFlags(u32),
@@ -325,6 +330,14 @@ pub fn parse_segment(
             }
             Ok(BlockOp::Discard { sector, nr_sectors })
         }
+        // §5.2.6.1: a driver MUST NOT exceed max_write_zeroes_sectors. The limit bounds
+        // what one request can make a backend hold (the clone target tracks every region).
+        Request::WriteZeroes { .. } if nr_sectors > u64::from(limits.max_write_zeroes_sectors) => {
+            Err(ParseError::WriteZeroesTooLarge {
+                nr_sectors,
+                max: limits.max_write_zeroes_sectors,
+            })
+        }
         Request::WriteZeroes { .. } => Ok(BlockOp::WriteZeroes {
             sector,
             nr_sectors,
@@ -353,6 +366,7 @@ pub fn fuzz_parse(data: &[u8]) {
         read_only: flags & 1 != 0,
         discard: flags & 2 != 0,
         write_zeroes: flags & 4 != 0,
+        max_write_zeroes_sectors: u32::from(next()) << 4,
     };
     let mut header = [0u8; HEADER_LEN];
     header.iter_mut().for_each(|b| *b = next());

@@ -16,6 +16,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::block::BlockBackend;
 use crate::device::VhostUserBlk;
 
+/// Default `max_write_zeroes_sectors`: 32 MiB per request (guests split larger ranges).
+pub const DEFAULT_MAX_WRITE_ZEROES_SECTORS: u32 = 65536;
+
 /// How the device presents itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceOptions {
@@ -34,6 +37,8 @@ pub struct DeviceOptions {
     /// Longest a queue thread busy-polls its rings after the last piece of work, in
     /// microseconds (adaptive, see [`crate::poll`]); 0 = always sleep in epoll.
     pub poll_us: u32,
+    /// Largest write-zeroes request in 512-byte sectors, offered and enforced.
+    pub max_write_zeroes_sectors: u32,
 }
 
 impl Default for DeviceOptions {
@@ -46,6 +51,7 @@ impl Default for DeviceOptions {
             seg_max: 126,
             size_max: 1 << 20,
             poll_us: 0,
+            max_write_zeroes_sectors: DEFAULT_MAX_WRITE_ZEROES_SECTORS,
         }
     }
 }

@@ -180,6 +180,7 @@ impl Server {
             seg_max: 126,
             size_max: 1 << 20,
             poll_us,
+            ..DeviceOptions::default()
         };
         let thread = std::thread::spawn(move || serve(backend, &opts, listener, &stop2).unwrap());
         Server {

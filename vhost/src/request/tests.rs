@@ -7,6 +7,7 @@ const LIM: Limits = Limits {
     read_only: false,
     discard: true,
     write_zeroes: true,
+    max_write_zeroes_sectors: 1000,
 };
 
 fn hdr(t: u32, sector: u64) -> [u8; HEADER_LEN] {
@@ -289,6 +290,20 @@ fn discard_and_write_zeroes() {
         parse_segment(&req, &seg(5, 5, 0x10), &LIM),
         Err(ParseError::BadFlags(0x10))
     );
+    let small = Limits {
+        max_write_zeroes_sectors: 64,
+        ..LIM
+    };
+    assert!(parse_segment(&req, &seg(0, 64, 0), &small).is_ok());
+    let too_big = parse_segment(&req, &seg(0, 65, FLAG_UNMAP), &small);
+    assert_eq!(
+        too_big,
+        Err(ParseError::WriteZeroesTooLarge {
+            nr_sectors: 65,
+            max: 64
+        })
+    );
+    assert_eq!(too_big.unwrap_err().status(), Some(VIRTIO_BLK_S_IOERR));
     assert_eq!(
         parse_segment(&Request::Flush, &seg(5, 5, 0), &LIM),
         Err(ParseError::Unsupported(u32::MAX))
