@@ -26,6 +26,8 @@ enum Pattern {
     RandRead,
     RandWrite,
     SeqRead,
+    /// Each queue discards its own share front to back (no data buffers).
+    SeqDiscard,
 }
 
 #[derive(Clone, Debug)]
@@ -43,7 +45,8 @@ struct Opts {
     json: bool,
 }
 
-const USAGE: &str = "usage: vhost_bench --socket SOCK [--pattern randread|randwrite|seqread] \
+const USAGE: &str =
+    "usage: vhost_bench --socket SOCK [--pattern randread|randwrite|seqread|seqdiscard] \
 [--bs BYTES] [--qd N] [--queues N] [--runtime SECS] [--ramp SECS] [--offset BYTES] \
 [--size BYTES] [--queue-size N] [--json]";
 
@@ -85,6 +88,7 @@ fn parse_args() -> Result<Opts, String> {
                     "randread" => Pattern::RandRead,
                     "randwrite" => Pattern::RandWrite,
                     "seqread" | "read" => Pattern::SeqRead,
+                    "seqdiscard" => Pattern::SeqDiscard,
                     p => return Err(format!("unknown pattern '{p}'")),
                 }
             }
@@ -156,7 +160,7 @@ fn run_queue(mut q: Blkioq, job: Job, stop: Arc<AtomicBool>, go: Arc<Barrier>) -
     let mut seq_next = 0u64;
     let mut next_offset = |rng: &mut Rng| -> u64 {
         let blk = match o.pattern {
-            Pattern::SeqRead => {
+            Pattern::SeqRead | Pattern::SeqDiscard => {
                 let b = seq_next;
                 seq_next = (seq_next + 1) % blocks;
                 b
@@ -173,6 +177,9 @@ fn run_queue(mut q: Blkioq, job: Job, stop: Arc<AtomicBool>, go: Arc<Barrier>) -
         ..Default::default()
     };
     let submit = |q: &mut Blkioq, slot: usize, off: u64| {
+        if o.pattern == Pattern::SeqDiscard {
+            return q.discard(off, o.bs, slot, ReqFlags::empty());
+        }
         // SAFETY: slot < qd, so the buffer lies inside this thread's slice.
         let buf = unsafe { job.buf.add(slot * o.bs as usize) };
         match o.pattern {
@@ -259,8 +266,8 @@ fn run(o: &Opts) -> Result<(), String> {
     let e = |what: &'static str| move |err: blkio::Error| format!("{what}: {err}");
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
     b.set_str("path", &o.socket).map_err(e("path"))?;
-    b.set_bool("read-only", o.pattern != Pattern::RandWrite)
-        .map_err(e("read-only"))?;
+    let writes = matches!(o.pattern, Pattern::RandWrite | Pattern::SeqDiscard);
+    b.set_bool("read-only", !writes).map_err(e("read-only"))?;
     b.connect().map_err(e("connect"))?;
     let max_queues = b.get_i32("max-queues").map_err(e("max-queues"))?;
     if (o.queues as i32) > max_queues {
@@ -291,7 +298,13 @@ fn run(o: &Opts) -> Result<(), String> {
             o.offset, size, o.queues, o.bs
         ));
     }
-    let per_thread = o.qd as u64 * o.bs;
+    // Discards carry no data: one page per thread keeps the mapping small.
+    let buf_bs = if o.pattern == Pattern::SeqDiscard {
+        4096
+    } else {
+        o.bs
+    };
+    let per_thread = o.qd as u64 * buf_bs;
     let total = (per_thread * o.queues as u64).div_ceil(align) * align;
     let region = b
         .alloc_mem_region(total as usize)
@@ -314,7 +327,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let mut handles = Vec::new();
     for (i, q) in queues.into_iter().enumerate() {
         let (start, len) = match o.pattern {
-            Pattern::SeqRead => (o.offset + i as u64 * share, share),
+            Pattern::SeqRead | Pattern::SeqDiscard => (o.offset + i as u64 * share, share),
             _ => (o.offset, size / o.bs * o.bs),
         };
         let job = Job {
