@@ -2,8 +2,8 @@
 # vhost-clone benchmark harness (issue 6): fio vs qemu-storage-daemon vs vhost-clone, one run,
 # same files, same libblkio client for every vhost-user-blk server.
 #
-#   benches/run.sh            full run (3 runs per point, ~10 min)
-#   benches/run.sh --quick    CI smoke (1 run, 1 s per point, < 2 min)
+#   benches/run.sh            full run (3 runs per point, ~10 min; --runs 5 --runtime 1.5: ~12 min)
+#   benches/run.sh --quick    smoke (1 run, 1 s per point, ~3 min)
 #   benches/run.sh --servers fio,qsd --phases matrix     subsets; see --help
 #
 # Results: target/bench/results.md and target/bench/results.json (override with --dir).
