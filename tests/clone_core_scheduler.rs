@@ -14,6 +14,7 @@ fn sched(n: u64, threshold: u64, batch: u64, background: bool) -> Scheduler {
             background,
             max_hints: 8,
             max_failures: 4,
+            ..SchedulerConfig::default()
         },
     )
     .unwrap()

@@ -346,6 +346,11 @@ impl Shared {
     }
 }
 
+/// Background copies in flight while the guest is busy (see [`super::GUEST_BUSY_WINDOW`]).
+const BUSY_IN_FLIGHT_BYTES: u64 = 256 << 10;
+/// Largest background copy while the guest is busy.
+const BUSY_BATCH_BYTES: u64 = 64 << 10;
+
 /// The `clone` target: a [`BlockBackend`] whose workers route by region.
 pub struct CloneTarget {
     shared: Arc<Shared>,
@@ -407,12 +412,15 @@ impl CloneTarget {
                 source,
             })?;
         let map = RegionMap::from_words(geo.nr_regions(), metadata.words().to_vec())?;
+        let region_bytes = geo.region_sectors().saturating_mul(SECTOR_SIZE).max(1);
         let sched = Scheduler::new(
             geo.nr_regions(),
             SchedulerConfig {
                 hydration_threshold: u64::from(spec.hydration_threshold),
                 hydration_batch_size: u64::from(spec.hydration_batch_size),
                 background: !spec.no_hydration,
+                busy_threshold: (BUSY_IN_FLIGHT_BYTES / region_bytes).max(1),
+                busy_batch_size: (BUSY_BATCH_BYTES / region_bytes).max(1),
                 ..SchedulerConfig::default()
             },
         )?;

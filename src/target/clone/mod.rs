@@ -26,7 +26,9 @@ pub use failures::{FailureStats, FailureTracker, DEFAULT_MAX_FAILURES};
 pub use geometry::{GeometryError, RegionGeometry, Segment, Split};
 pub use region_locks::{Admit, RegionLocks, RegionState};
 pub use region_map::{RegionMap, RegionMapError};
-pub use scheduler::{Batch, BatchKind, Scheduler, SchedulerConfig, SchedulerError};
+pub use scheduler::{
+    Batch, BatchKind, Scheduler, SchedulerConfig, SchedulerError, GUEST_BUSY_WINDOW,
+};
 pub use status::{CloneStatus, HydrationState, StatusJson};
 
 pub mod committer;

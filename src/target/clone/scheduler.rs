@@ -7,13 +7,17 @@
 //! | hinted     | yes                   | no                 | still runs          | stops               |
 //! | background | yes                   | yes (dm-clone)     | stops               | stops               |
 //!
+//! Background copies also shrink while the guest is busy (a request finished within
+//! [`GUEST_BUSY_WINDOW`]): at most `busy_threshold` regions in flight, `busy_batch_size` per batch.
+//!
 //! Lock order: the scheduler's queue mutex may be held while taking a region-lock shard, never the reverse
 //! (callers push urgent regions *after* `admit_write` returned, i.e. with no shard lock held).
 
 use std::collections::{HashSet, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::events::Event;
 use super::failures::FailureTracker;
@@ -67,6 +71,10 @@ pub struct SchedulerConfig {
     pub background: bool,
     pub max_hints: usize,
     pub max_failures: u64,
+    /// Caps on the sweep (regions in flight, regions per batch) while the guest is busy: see
+    /// [`GUEST_BUSY_WINDOW`].
+    pub busy_threshold: u64,
+    pub busy_batch_size: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -77,9 +85,18 @@ impl Default for SchedulerConfig {
             background: true,
             max_hints: DEFAULT_MAX_HINTS,
             max_failures: super::failures::DEFAULT_MAX_FAILURES,
+            busy_threshold: u64::MAX,
+            busy_batch_size: u64::MAX,
         }
     }
 }
+
+/// The guest counts as busy this long after its last request finished. While it is busy,
+/// background copies (the sweep, not the copies a guest request waits for) stay within the
+/// `busy_*` caps, so a large `hydration_batch_size` hydrates fast on an idle disk without
+/// holding the disk away from a busy guest. dm-clone only pauses the sweep while I/O is in
+/// flight; between two requests it starts full-size batches.
+pub const GUEST_BUSY_WINDOW: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Default)]
 struct DedupQueue {
@@ -129,6 +146,11 @@ pub struct Scheduler {
     halted: AtomicBool,
     in_flight: AtomicU64,
     guest_io: AtomicU64,
+    /// When the last guest request finished, in microseconds since `epoch`.
+    guest_last_us: AtomicU64,
+    epoch: Instant,
+    busy_threshold: u64,
+    busy_batch_size: u64,
     cursor: AtomicU64,
     max_hints: usize,
     queues: Mutex<Queues>,
@@ -152,6 +174,10 @@ impl Scheduler {
             halted: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             guest_io: AtomicU64::new(0),
+            guest_last_us: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+            busy_threshold: config.busy_threshold.max(1),
+            busy_batch_size: config.busy_batch_size.max(1),
             cursor: AtomicU64::new(0),
             max_hints: config.max_hints.max(1),
             queues: Mutex::new(Queues::default()),
@@ -252,6 +278,19 @@ impl Scheduler {
         let _ = self
             .guest_io
             .fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_sub(1)));
+        let us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.guest_last_us.store(us, Relaxed);
+    }
+
+    /// The guest finished a request within [`GUEST_BUSY_WINDOW`] before `now`.
+    fn guest_busy(&self, now: Instant) -> bool {
+        let last = self.guest_last_us.load(Relaxed);
+        if last == u64::MAX {
+            return false;
+        }
+        let now_us = u64::try_from(now.saturating_duration_since(self.epoch).as_micros())
+            .unwrap_or(u64::MAX);
+        now_us.saturating_sub(last) < GUEST_BUSY_WINDOW.as_micros() as u64
     }
 
     // ---- completions from the hydration thread ----
@@ -288,6 +327,16 @@ impl Scheduler {
     /// The next batch to copy, or `None`. Every region of the batch is unhydrated, was not busy, and is now
     /// `Hydrating` in `locks`; the in-flight count grows by the batch length.
     pub fn next_batch<W>(&self, map: &RegionMap, locks: &RegionLocks<W>) -> Option<Batch> {
+        self.next_batch_at(map, locks, Instant::now())
+    }
+
+    /// [`Scheduler::next_batch`] as of `now` (the guest-busy caps depend on the time).
+    pub fn next_batch_at<W>(
+        &self,
+        map: &RegionMap,
+        locks: &RegionLocks<W>,
+        now: Instant,
+    ) -> Option<Batch> {
         let batch = self.batch_size().max(1);
         // Urgent: no threshold, no back-off.
         {
@@ -321,6 +370,15 @@ impl Scheduler {
         if !self.is_enabled() || self.guest_io.load(SeqCst) > 0 {
             return None;
         }
+        let limit = if self.guest_busy(now) {
+            let room = self.busy_threshold.saturating_sub(self.in_flight());
+            if room == 0 {
+                return None;
+            }
+            limit.min(room).min(self.busy_batch_size)
+        } else {
+            limit
+        };
         self.sweep(limit, map, locks).map(|b| self.account(b))
     }
 

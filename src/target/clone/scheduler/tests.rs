@@ -70,3 +70,41 @@ fn threshold_backoff_and_disable() {
     s.guest_io_finished();
     assert_eq!(s.next_batch(&map, &locks).unwrap().regions, 1..3);
 }
+
+#[test]
+fn sweep_shrinks_while_the_guest_is_busy() {
+    let map = RegionMap::new_empty(1000).unwrap();
+    let locks: RegionLocks<u32> = RegionLocks::new();
+    let config = SchedulerConfig {
+        busy_threshold: 8,
+        busy_batch_size: 2,
+        ..cfg(100, 50, true)
+    };
+    let s = Scheduler::new(1000, config).unwrap();
+    let t0 = Instant::now();
+    let full = s.next_batch_at(&map, &locks, t0).unwrap();
+    assert_eq!(full.regions, 0..50, "no guest I/O yet: full batch");
+    s.copy_done(50);
+    s.guest_io_started();
+    s.guest_io_finished();
+    let now = Instant::now();
+    for start in [50u64, 52, 54, 56] {
+        let b = s.next_batch_at(&map, &locks, now).unwrap();
+        assert_eq!(b.regions, start..start + 2, "busy guest: small batches");
+    }
+    assert!(
+        s.next_batch_at(&map, &locks, now).is_none(),
+        "busy guest: at most 8 regions in flight"
+    );
+    s.push_urgent(900);
+    let urgent = s.next_batch_at(&map, &locks, now).unwrap();
+    assert_eq!(
+        (urgent.regions, urgent.kind),
+        (900..950, BatchKind::Urgent),
+        "a copy a guest request waits for ignores the caps"
+    );
+    s.copy_done(58);
+    let later = now + GUEST_BUSY_WINDOW + Duration::from_millis(1);
+    let b = s.next_batch_at(&map, &locks, later).unwrap();
+    assert_eq!(b.regions, 58..108, "guest quiet again: full batch");
+}
