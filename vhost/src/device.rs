@@ -543,49 +543,56 @@ impl<B: BlockBackend> VhostUserBlk<B> {
         }
     }
 
-    /// Reap the worker, complete requests to the guest and notify it.
     /// Busy-poll this thread's avail rings and its worker's completions until nothing new
-    /// came for the adaptive window, then let the thread sleep in epoll. Bounded: after
-    /// [`MAX_POLL_BUSY`] of continuous work it returns anyway, so the epoll loop still sees
-    /// its exit and control events.
+    /// came for the adaptive window, then let the thread sleep in epoll.
     fn poll(&self, ts: &mut ThreadState<B::Worker>) {
         if !ts.poll.enabled() {
             return;
         }
         let window = ts.poll.window();
-        let start = Instant::now();
-        let mut last_work = start;
-        if !window.is_zero() && !ts.vrings.is_empty() {
-            if let Some(mem) = self.memory() {
-                loop {
-                    let mut worked = false;
-                    if ts.worker.completions_ready() {
-                        self.complete(ts);
-                        worked = true;
-                    }
-                    for local in 0..ts.vrings.len() {
-                        if ts.vrings.get(local).is_some_and(|v| avail_pending(v, &mem)) {
-                            self.process_queue(ts, local);
-                            worked = true;
-                        }
-                    }
-                    let now = Instant::now();
-                    if worked {
-                        last_work = now;
-                        if now.saturating_duration_since(start) >= MAX_POLL_BUSY {
-                            break;
-                        }
-                    } else if now.saturating_duration_since(last_work) >= window {
-                        break;
-                    } else {
-                        std::hint::spin_loop();
-                    }
-                }
-            }
-        }
+        let last_work = self.poll_until_idle(ts, window);
         ts.poll.went_idle(last_work);
     }
 
+    /// The polling loop; returns when it last found work. Bounded: after [`MAX_POLL_BUSY`] of
+    /// continuous work it returns anyway, so the epoll loop still sees its exit and control
+    /// events.
+    fn poll_until_idle(&self, ts: &mut ThreadState<B::Worker>, window: Duration) -> Instant {
+        let start = Instant::now();
+        if window.is_zero() || ts.vrings.is_empty() {
+            return start;
+        }
+        let Some(mem) = self.memory() else {
+            return start;
+        };
+        let mut last_work = start;
+        loop {
+            let mut worked = false;
+            if ts.worker.completions_ready() {
+                self.complete(ts);
+                worked = true;
+            }
+            for local in 0..ts.vrings.len() {
+                if ts.vrings.get(local).is_some_and(|v| avail_pending(v, &mem)) {
+                    self.process_queue(ts, local);
+                    worked = true;
+                }
+            }
+            let now = Instant::now();
+            if worked {
+                last_work = now;
+                if now.saturating_duration_since(start) >= MAX_POLL_BUSY {
+                    return last_work;
+                }
+            } else if now.saturating_duration_since(last_work) >= window {
+                return last_work;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Reap the worker, complete requests to the guest and notify it.
     fn complete(&self, ts: &mut ThreadState<B::Worker>) {
         let mut done = std::mem::take(&mut ts.done);
         ts.worker.reap(&mut done);
