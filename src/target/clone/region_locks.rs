@@ -26,6 +26,7 @@
 //! Guest reads take no lock: the source is read-only and a hydrated region's destination data is final.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -246,6 +247,37 @@ impl<W> RegionLocks<W> {
             }
             None => Vec::new(),
         }
+    }
+
+    /// Mark hydrated, a word at a time, every region of `range` that no copy, write or
+    /// waiter holds, with all shards locked so that none can start meanwhile (the shards are
+    /// taken in index order; every other method holds one shard at a time). Returns the held
+    /// regions of `range`, sorted, for the caller to handle one by one. This is how a discard
+    /// of a whole device marks millions of regions without a lock operation per region.
+    pub fn mark_idle(&self, range: Range<u64>, map: &RegionMap) -> Vec<u64> {
+        let guards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let mut held: Vec<u64> = guards
+            .iter()
+            .flat_map(|g| g.keys().copied())
+            .filter(|r| range.contains(r))
+            .collect();
+        held.sort_unstable();
+        let mut next = range.start;
+        for &r in &held {
+            if next < r {
+                map.mark_range(next..r);
+            }
+            next = r + 1;
+        }
+        if next < range.end {
+            map.mark_range(next..range.end);
+        }
+        drop(guards);
+        held
     }
 
     /// True if a copy or overwrite is pending or in flight for `r`.

@@ -34,6 +34,10 @@ struct Req {
     guest_io: bool,
 }
 
+/// Regions a discard marks per round of [`super::RegionLocks::mark_idle`] (how long it holds every
+/// region-lock shard: a few hundred microseconds).
+const DISCARD_CHUNK_REGIONS: u64 = 1 << 20;
+
 /// A queue thread's I/O engine for the clone target.
 pub struct CloneWorker {
     shared: Arc<Shared>,
@@ -447,17 +451,20 @@ impl CloneWorker {
         // passdown, and a discard of the whole device holds no per-region state (memory
         // stays flat however large the guest's request). A region whose copy is in flight
         // keeps its source data: discard is a hint.
-        let mut marked = false;
-        for r in range.clone() {
-            if !s.map.is_hydrated(r) && s.locks.start_overwrite(r) {
-                s.map.mark_hydrated(r);
-                for w in s.locks.finish_overwrite(r) {
-                    w.mailbox.post(MailItem::Resume(w.req));
+        let mut chunk = range.start;
+        while chunk < range.end {
+            let end = chunk.saturating_add(DISCARD_CHUNK_REGIONS).min(range.end);
+            for r in s.locks.mark_idle(chunk..end, &s.map) {
+                if !s.map.is_hydrated(r) && s.locks.start_overwrite(r) {
+                    s.map.mark_hydrated(r);
+                    for w in s.locks.finish_overwrite(r) {
+                        w.mailbox.post(MailItem::Resume(w.req));
+                    }
                 }
-                marked = true;
             }
+            chunk = end;
         }
-        if marked && s.map.all_hydrated() {
+        if s.map.all_hydrated() {
             s.wake_committer();
         }
         let idx = self.new_req(tag, false);

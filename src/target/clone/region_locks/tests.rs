@@ -52,3 +52,25 @@ fn overwrite_takes_over_pending() {
     assert_eq!(locks.finish_overwrite(5), vec![1]);
     assert_eq!(locks.admit_write(5, 1, &map), Admit::Proceed(1));
 }
+
+#[test]
+fn mark_idle_marks_only_free_regions() {
+    let map = RegionMap::new_empty(300).unwrap();
+    let locks: RegionLocks<u32> = RegionLocks::new();
+    assert!(locks.try_start_copy(5, &map), "a copy in flight");
+    assert_eq!(locks.admit_write(70, 1, &map), Admit::QueuedNeedsCopy);
+    assert!(locks.start_overwrite(99));
+    assert!(
+        locks.try_start_copy(250, &map),
+        "held, but outside the range"
+    );
+    let held = locks.mark_idle(0..100, &map);
+    assert_eq!(held, vec![5, 70, 99]);
+    for r in 0..100 {
+        assert_eq!(map.is_hydrated(r), !held.contains(&r), "region {r}");
+    }
+    assert!(!map.is_hydrated(100) && !map.is_hydrated(250));
+    assert_eq!(map.hydrated_count(), 97);
+    assert_eq!(locks.state(70), RegionState::Pending { waiters: 1 });
+    assert!(locks.mark_idle(100..100, &map).is_empty());
+}
