@@ -337,6 +337,21 @@ impl<B: BlockBackend> VhostUserBlk<B> {
         }
     }
 
+    /// Wait up to [`MEMORY_UPDATE_GRACE`] for the frontend thread to install a memory map
+    /// other than `old`; `None` if it does not.
+    fn newer_memory(&self, old: &Arc<Mem>) -> Option<Arc<Mem>> {
+        let start = Instant::now();
+        loop {
+            if let Some(now) = self.memory().filter(|m| !Arc::ptr_eq(m, old)) {
+                return Some(now);
+            }
+            if start.elapsed() >= MEMORY_UPDATE_GRACE {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
     fn memory(&self) -> Option<Arc<Mem>> {
         let g = self.mem.read().unwrap_or_else(|e| e.into_inner());
         g.as_ref().map(|m| m.memory().into_inner())
@@ -404,10 +419,24 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             }
             Ok(status) => {
                 let status_addr = GuestAddress(status.addr);
-                if let Err(e) = self.dispatch(ts, local, head, status_addr, &descs, mem) {
+                let mut mem = mem.clone();
+                let mut result = self.dispatch(ts, local, head, status_addr, &descs, &mem);
+                if matches!(result, Err(RequestError::Memory(_))) {
+                    // A frontend that maps memory and uses it at once without waiting for
+                    // the reply (libblkio can) may have its request here before the
+                    // frontend thread applied the new map: give that update a moment.
+                    if let Some(newer) = self.newer_memory(&mem) {
+                        mem = newer;
+                        result = self.dispatch(ts, local, head, status_addr, &descs, &mem);
+                        if result.is_ok() {
+                            debug!("queue {local} head {head}: found after a memory map update");
+                        }
+                    }
+                }
+                if let Err(e) = result {
                     warn!("queue {local} head {head}: {e}");
                     let code = e.status().unwrap_or(VIRTIO_BLK_S_IOERR);
-                    self.finish_now(ts, vring, local, head, mem, status_addr, code, 1);
+                    self.finish_now(ts, vring, local, head, &mem, status_addr, code, 1);
                 }
             }
         }
@@ -632,6 +661,10 @@ impl<B: BlockBackend> VhostUserBlk<B> {
         }
     }
 }
+
+/// How long a request whose buffers lie outside guest memory waits for a memory map update
+/// before it fails (see `start_request`). A correct frontend never makes it wait.
+const MEMORY_UPDATE_GRACE: Duration = Duration::from_millis(20);
 
 /// Longest a poll loop keeps going while there is work, before it returns to epoll.
 const MAX_POLL_BUSY: Duration = Duration::from_millis(1);
