@@ -582,9 +582,6 @@ class Bench:
                 return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
             return f"{v:.0f}"
 
-        def ratio(a, b):
-            return f"{a / b:.2f}" if a is not None and b else "n/a"
-
         def paired(w, q, a, b, k="iops"):
             """Median over rounds of a/b, each pair measured back to back in one round: far
             steadier on a shared machine than the ratio of two medians."""
