@@ -203,6 +203,18 @@ pub struct Shared {
     /// Source reads finished by the NBD pool for the hydration thread: (copy slot, result, buffer).
     pub remote_copies: Mutex<Vec<(usize, std::io::Result<()>, crate::io::AlignedBuf)>>,
     pub metadata: Mutex<CloneMetadata>,
+    /// Metadata blocks used and managed, as of the last commit (dm-clone's status fields).
+    /// `status` reads these rather than taking `metadata`, which a commit holds across the
+    /// destination flush (hundreds of milliseconds on a host-cached virtual disk).
+    md_used_blocks: AtomicU64,
+    md_total_blocks: AtomicU64,
+    /// A guest write, write-zeroes or discard, or a copy a guest request waited for, changed
+    /// the map since the last commit: commit within [`COMMIT_INTERVAL`] (dm-clone's period).
+    /// Background progress alone waits [`BACKGROUND_COMMIT_INTERVAL`].
+    ///
+    /// [`COMMIT_INTERVAL`]: super::committer::COMMIT_INTERVAL
+    /// [`BACKGROUND_COMMIT_INTERVAL`]: super::committer::BACKGROUND_COMMIT_INTERVAL
+    pub guest_changes: AtomicBool,
     /// The metadata mode as its rank (0 rw, 1 ro, 2 fail): read on every guest write, so
     /// an atomic rather than a lock shared by all queues.
     mode: AtomicU8,
@@ -253,6 +265,15 @@ impl Shared {
         }
     }
 
+    /// Record that guest I/O changed the map (see [`Shared::guest_changes`]); the first such
+    /// change after a commit wakes the commit thread, which may be sleeping out the longer
+    /// background interval.
+    pub fn note_guest_change(&self) {
+        if !self.guest_changes.swap(true, Ordering::SeqCst) {
+            self.wake_committer();
+        }
+    }
+
     /// Wake the commit thread.
     pub fn wake_committer(&self) {
         if let Err(e) = self.committer_wake.write(1) {
@@ -275,9 +296,16 @@ impl Shared {
                     "metadata is read-only after an earlier error".to_string()
                 ));
         }
+        let guest = self.guest_changes.swap(false, Ordering::SeqCst);
         let words = self.map.take_dirty();
+        let restore = |words: &[(u64, u64)]| {
+            self.map.restore_dirty(words);
+            if guest {
+                self.guest_changes.store(true, Ordering::SeqCst);
+            }
+        };
         if let Err(e) = self.dest_buffered.sync_data() {
-            self.map.restore_dirty(&words);
+            restore(&words);
             return Err(format!("flushing the destination: {e}"));
         }
         if words.is_empty() {
@@ -287,16 +315,17 @@ impl Shared {
             .iter()
             .try_for_each(|&(w, value)| md.set_word(w, value))
             .and_then(|()| md.commit().map(|_| ()));
+        self.md_used_blocks
+            .store(md.used_blocks(), Ordering::Relaxed);
+        drop(md);
         match result {
             Ok(()) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
-                drop(md);
                 self.map.release_if_complete();
                 Ok(())
             }
             Err(e) => {
-                self.map.restore_dirty(&words);
-                drop(md);
+                restore(&words);
                 self.set_mode(MetadataMode::Ro);
                 Err(format!("committing metadata: {e}"))
             }
@@ -305,10 +334,9 @@ impl Shared {
 
     /// dm-clone's status fields.
     pub fn status(&self) -> CloneStatus {
-        let md = lock(&self.metadata);
         CloneStatus {
-            used_md_blocks: md.used_blocks(),
-            total_md_blocks: md.total_blocks(),
+            used_md_blocks: self.md_used_blocks.load(Ordering::Relaxed),
+            total_md_blocks: self.md_total_blocks.load(Ordering::Relaxed),
             region_sectors: self.geo.region_sectors(),
             hydrated: self.map.hydrated_count(),
             nr_regions: self.geo.nr_regions(),
@@ -436,6 +464,9 @@ impl CloneTarget {
             dest_buffered,
             source,
             remote_copies: Mutex::new(Vec::new()),
+            md_used_blocks: AtomicU64::new(metadata.used_blocks()),
+            md_total_blocks: AtomicU64::new(metadata.total_blocks()),
+            guest_changes: AtomicBool::new(false),
             metadata: Mutex::new(metadata),
             mode: AtomicU8::new(rank_of_mode(MetadataMode::Rw)),
             events: EventHub::new(),

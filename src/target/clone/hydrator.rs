@@ -307,14 +307,20 @@ impl Hydrator {
                 });
             }
         }
+        let mut waited_on = false;
         for r in job.regions.clone() {
             for w in s.locks.finish_copy(r) {
+                waited_on = true;
                 let item = match &result {
                     Ok(()) => MailItem::Resume(w.req),
                     Err(e) => MailItem::Fail(w.req, format!("hydrating region {r}: {e}")),
                 };
                 w.mailbox.post(item);
             }
+        }
+        if waited_on && result.is_ok() {
+            // a guest write may follow into these regions: commit on dm-clone's period
+            s.note_guest_change();
         }
         s.sched.copy_done(n);
         match result {

@@ -145,8 +145,11 @@ impl CloneWorker {
                 w.mailbox.post(MailItem::Resume(w.req));
             }
         }
-        if ok && !req.overwrites.is_empty() && self.shared.map.all_hydrated() {
-            self.shared.wake_committer();
+        if ok && !req.overwrites.is_empty() {
+            self.shared.note_guest_change();
+            if self.shared.map.all_hydrated() {
+                self.shared.wake_committer();
+            }
         }
         self.ready.push(Completion {
             tag: req.tag,
@@ -464,6 +467,7 @@ impl CloneWorker {
             }
             chunk = end;
         }
+        s.note_guest_change();
         if s.map.all_hydrated() {
             s.wake_committer();
         }
