@@ -92,6 +92,9 @@ struct QueueSlots {
     slots: Vec<Option<InFlight>>,
     free: Vec<u32>,
     need_signal: bool,
+    /// A poll loop popped this queue with the frontend's notifications off; they must be
+    /// re-armed before the thread sleeps.
+    notify_off: bool,
 }
 
 impl QueueSlots {
@@ -116,6 +119,7 @@ impl QueueSlots {
         self.slots.clear();
         self.free.clear();
         self.need_signal = false;
+        self.notify_off = false;
     }
 }
 
@@ -357,7 +361,17 @@ impl<B: BlockBackend> VhostUserBlk<B> {
         g.as_ref().map(|m| m.memory().into_inner())
     }
 
+    /// Pop and start every available request of queue `local`, then re-enable the frontend's
+    /// notifications (rechecking for requests that raced with the re-enabling).
     fn process_queue(&self, ts: &mut ThreadState<B::Worker>, local: usize) {
+        self.pop_queue(ts, local, true);
+    }
+
+    /// Pop and start every available request of queue `local`. With `rearm` false (a polling
+    /// thread), the frontend's notifications stay off: it need not kick a queue that is being
+    /// watched, which saves it a system call (a VM exit for a guest) per request. Every exit
+    /// of the poll loop re-arms them ([`Self::rearm_notifications`]) before the thread sleeps.
+    fn pop_queue(&self, ts: &mut ThreadState<B::Worker>, local: usize, rearm: bool) {
         let Some(vring) = ts.vrings.get(local).cloned() else {
             return;
         };
@@ -365,8 +379,12 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             return;
         };
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let was_off = ts
+            .queues
+            .get_mut(local)
+            .is_some_and(|q| std::mem::replace(&mut q.notify_off, !rearm));
         loop {
-            if event_idx {
+            if event_idx || !rearm {
                 if let Err(e) = vring.disable_notification() {
                     warn!("queue {local}: disable_notification: {e}");
                 }
@@ -379,7 +397,7 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 let Some(chain) = chain else { break };
                 self.start_request(ts, local, &vring, chain, &mem);
             }
-            if !event_idx {
+            if !rearm || !(event_idx || was_off) {
                 break;
             }
             match vring.enable_notification() {
@@ -392,6 +410,31 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             }
         }
         ts.worker.kick();
+    }
+
+    /// Turn the frontend's notifications back on for every queue of this thread (after a poll
+    /// loop that popped with them off), handling requests that arrived meanwhile. Returns
+    /// true if there were any.
+    fn rearm_notifications(&self, ts: &mut ThreadState<B::Worker>) -> bool {
+        let mut found = false;
+        for local in 0..ts.vrings.len() {
+            let off = ts
+                .queues
+                .get_mut(local)
+                .is_some_and(|q| std::mem::take(&mut q.notify_off));
+            let Some(vring) = ts.vrings.get(local).cloned().filter(|_| off) else {
+                continue;
+            };
+            match vring.enable_notification() {
+                Ok(false) => {}
+                Ok(true) => {
+                    found = true;
+                    self.pop_queue(ts, local, true);
+                }
+                Err(e) => warn!("queue {local}: enable_notification: {e}"),
+            }
+        }
+        found
     }
 
     fn start_request(
@@ -603,7 +646,7 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             }
             for local in 0..ts.vrings.len() {
                 if ts.vrings.get(local).is_some_and(|v| avail_pending(v, &mem)) {
-                    self.process_queue(ts, local);
+                    self.pop_queue(ts, local, false);
                     worked = true;
                 }
             }
@@ -611,9 +654,14 @@ impl<B: BlockBackend> VhostUserBlk<B> {
             if worked {
                 last_work = now;
                 if now.saturating_duration_since(start) >= MAX_POLL_BUSY {
+                    self.rearm_notifications(ts);
                     return last_work;
                 }
             } else if now.saturating_duration_since(last_work) >= window {
+                if self.rearm_notifications(ts) {
+                    last_work = Instant::now();
+                    continue;
+                }
                 return last_work;
             } else {
                 std::hint::spin_loop();
