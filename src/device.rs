@@ -111,6 +111,9 @@ pub struct Live {
 struct WorkerSlot {
     in_flight: Arc<AtomicUsize>,
     wake: EventFd,
+    /// Set after `wake` is written, so the worker reads the eventfd only when it was woken
+    /// (no failed read per completion round).
+    woken: Arc<AtomicBool>,
 }
 
 /// Why a table operation was refused.
@@ -327,6 +330,7 @@ impl Device {
     fn wake_workers(&self) {
         for w in lock(&self.workers).iter() {
             let _ = w.wake.write(1);
+            w.woken.store(true, Ordering::SeqCst);
         }
     }
 
@@ -393,6 +397,7 @@ impl BlockBackend for Device {
         // SAFETY: `epfd` is a fresh descriptor owned by nothing else.
         let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
         let wake = EventFd::new(EFD_NONBLOCK)?;
+        let woken = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let dev = self
             .me
@@ -404,6 +409,7 @@ impl BlockBackend for Device {
             dev_generation: generation,
             epoll,
             wake: wake.try_clone()?,
+            woken: woken.clone(),
             inner,
             held: VecDeque::new(),
             in_flight: in_flight.clone(),
@@ -412,7 +418,11 @@ impl BlockBackend for Device {
         };
         epoll_add(w.epoll.as_raw_fd(), w.wake.as_raw_fd())?;
         epoll_add(w.epoll.as_raw_fd(), each!(&w.inner, x => x.event_fd()))?;
-        lock(&self.workers).push(WorkerSlot { in_flight, wake });
+        lock(&self.workers).push(WorkerSlot {
+            in_flight,
+            wake,
+            woken,
+        });
         Ok(w)
     }
 }
@@ -441,6 +451,7 @@ pub struct DeviceWorker {
     dev_generation: u64,
     epoll: OwnedFd,
     wake: EventFd,
+    woken: Arc<AtomicBool>,
     inner: AnyWorker,
     target: Arc<Target>,
     held: VecDeque<(u64, BlockOp, Vec<GuestBuf>)>,
@@ -526,7 +537,12 @@ impl BlockWorker for DeviceWorker {
     }
 
     fn reap(&mut self, done: &mut Vec<Completion>) {
-        let _ = self.wake.read();
+        // The flag is set after the eventfd is written: a wake-up seen before its flag
+        // leaves the (level-triggered) eventfd readable, so epoll returns again until both
+        // are seen.
+        if self.woken.swap(false, Ordering::SeqCst) {
+            let _ = self.wake.read();
+        }
         each!(&mut self.inner, x => x.reap(done));
         self.sync_state();
         self.release_held();
