@@ -39,9 +39,9 @@ WORKLOADS = [
 ]
 QUEUES = [1, 4]
 # (hydration_threshold, hydration_batch_size) in 4 KiB regions: MiB in flight / MiB per copy
-# 1/0.25, 4/2, 8/4. Four or more copies in flight into a fresh sparse file on ext4 make it
+# 1/0.25, 8/4, 16/4. Many small copies in flight into a fresh sparse file on ext4 make it
 # allocate and free an extent block per copy (see benches/README.md), hence the large ones.
-HYDRATION_SETTINGS = [(256, 64), (1024, 512), (2048, 1024)]
+HYDRATION_SETTINGS = [(256, 64), (2048, 1024), (4096, 1024)]
 # A setting that leaves the disk to the guest: 256 KiB in flight in 64 KiB copies.
 COST_GENTLE = (64, 16)
 SERVERS = ["fio", "qsd", "linear", "clone-hydrated", "clone-empty"]
