@@ -209,9 +209,11 @@ pub struct Ring {
 }
 
 /// See [`Ring::submit_early`]. Measured on the benchmark VM (4 KiB random reads, QD32):
-/// one queue +24-33 % IOPS against submitting a whole batch at once, whose requests then
+/// one queue +22-24 % IOPS against submitting a whole batch at once, whose requests then
 /// completed and came back together, leaving the virtual disk idle 38 % of the time; four
-/// queues on two CPUs within -3 % (more system calls). Divisors 2 and 8 measured alike.
+/// queues on two CPUs within -3 % (more system calls). Divisors 2 and 8 measured alike
+/// (+33 %, within the noise); fixed batches of 4 gave one queue +29-44 % but cost four queues
+/// 5-15 %.
 const EARLY_SUBMIT_DIVISOR: usize = 4;
 
 // SAFETY: the raw pointers inside `Op::iovecs` point either into buffers the Ring owns
