@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--pattern", default="randread")
     ap.add_argument("--bs", type=int, default=4096)
     ap.add_argument("--qd", type=int, default=1)
+    ap.add_argument("--poll", action="store_true", help="the client busy-polls (libblkio poll queues)")
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runtime", type=float, default=0.6)
@@ -77,7 +78,8 @@ def main():
                     out = subprocess.run(
                         [a.bench_bin, "--socket", sock, "--pattern", a.pattern, "--bs",
                          str(a.bs), "--qd", str(a.qd), "--queues", str(a.queues), "--runtime",
-                         str(a.runtime), "--ramp", str(a.ramp), "--json"],
+                         str(a.runtime), "--ramp", str(a.ramp), "--json"]
+                        + (["--poll"] if a.poll else []),
                         capture_output=True, text=True, check=True)
                     res[name].append(json.loads(out.stdout.strip().splitlines()[-1])["iops"])
         finally:

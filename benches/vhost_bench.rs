@@ -3,7 +3,9 @@
 //! is driven by exactly the same client.
 //!
 //! One `Blkio` connection with N queues; each queue is driven by its own thread that keeps
-//! QD requests in flight (`do_io` with `min_completions = 1`).
+//! QD requests in flight (`do_io` with `min_completions = 1`). With `--poll` the queues are
+//! libblkio poll queues: `do_io` busy-polls the used ring instead of sleeping on the
+//! completion eventfd (a guest with virtio-blk poll queues, or an SPDK-like initiator).
 //!
 //! ```text
 //! cargo bench --bench vhost_bench -- --socket SOCK --pattern randread --bs 4096 \
@@ -43,12 +45,13 @@ struct Opts {
     size: u64, // 0 = up to the end of the disk
     queue_size: i32,
     json: bool,
+    poll: bool,
 }
 
 const USAGE: &str =
     "usage: vhost_bench --socket SOCK [--pattern randread|randwrite|seqread|seqdiscard] \
 [--bs BYTES] [--qd N] [--queues N] [--runtime SECS] [--ramp SECS] [--offset BYTES] \
-[--size BYTES] [--queue-size N] [--json]";
+[--size BYTES] [--queue-size N] [--poll] [--json]";
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -76,6 +79,7 @@ fn parse_args() -> Result<Opts, String> {
         size: 0,
         queue_size: 256,
         json: false,
+        poll: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -103,6 +107,7 @@ fn parse_args() -> Result<Opts, String> {
                 o.queue_size = val()?.parse().map_err(|e| format!("--queue-size: {e}"))?
             }
             "--json" => o.json = true,
+            "--poll" => o.poll = true,
             "-h" | "--help" => return Err(USAGE.into()),
             _ => return Err(format!("unknown argument '{a}'\n{USAGE}")),
         }
@@ -276,8 +281,11 @@ fn run(o: &Opts) -> Result<(), String> {
             o.queues
         ));
     }
-    b.set_i32("num-queues", o.queues as i32)
+    let (interrupt, poll) = if o.poll { (0, o.queues) } else { (o.queues, 0) };
+    b.set_i32("num-queues", interrupt as i32)
         .map_err(e("num-queues"))?;
+    b.set_i32("num-poll-queues", poll as i32)
+        .map_err(e("num-poll-queues"))?;
     b.set_i32("queue-size", o.queue_size)
         .map_err(e("queue-size"))?;
     let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
@@ -285,7 +293,12 @@ fn run(o: &Opts) -> Result<(), String> {
         .get_u64("mem-region-alignment")
         .map_err(e("align"))?
         .max(4096);
-    let queues = b.start().map_err(e("start"))?.queues;
+    let started = b.start().map_err(e("start"))?;
+    let queues = if o.poll {
+        started.poll_queues
+    } else {
+        started.queues
+    };
 
     let size = if o.size == 0 {
         capacity.saturating_sub(o.offset)
