@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost_user_blk::SECTOR_SIZE;
 
@@ -21,6 +22,8 @@ const CHUNK_BYTES: u64 = 4 << 20;
 const RING_ENTRIES: u32 = 128;
 /// How soon to look again when background copies yield to guest I/O.
 const BACKOFF_POLL_MS: i32 = 5;
+/// With background hydration disabled, copy buffers are freed after this long without a copy.
+const RELEASE_BUFFERS_AFTER: Duration = Duration::from_secs(1);
 
 enum Phase {
     Reading,
@@ -42,6 +45,8 @@ struct Hydrator {
     ring: Ring,
     jobs: Vec<Option<CopyJob>>,
     spare: Vec<AlignedBuf>,
+    /// When a copy was last in flight.
+    last_copy: Instant,
 }
 
 /// Entry point of the thread.
@@ -59,6 +64,7 @@ pub fn run(s: Arc<Shared>) {
         ring,
         jobs: Vec::new(),
         spare: Vec::new(),
+        last_copy: Instant::now(),
     };
     h.run();
 }
@@ -88,6 +94,7 @@ impl Hydrator {
             if let Err(e) = self.ring.kick() {
                 log::error!("hydration: submitting copies: {e}");
             }
+            self.release_buffers_when_done();
             self.wait();
             self.ring.reap(&mut completions);
             let remote = std::mem::take(&mut *lock(&self.s.remote_copies));
@@ -108,6 +115,31 @@ impl Hydrator {
                 self.s.wake_committer();
             }
         }
+    }
+
+    /// Give the copy buffers back once no copy is in flight and none will start on its own:
+    /// every region hydrated, or background hydration disabled and no copy (a guest's
+    /// urgent one, say) for [`RELEASE_BUFFERS_AFTER`]. A busy pause keeps them, and so does
+    /// on-demand copying, which would otherwise allocate and trim per copy.
+    fn release_buffers_when_done(&mut self) {
+        if self.active() > 0 {
+            self.last_copy = Instant::now();
+            return;
+        }
+        let done = self.s.map.all_hydrated()
+            || (!self.s.sched.is_enabled() && self.last_copy.elapsed() >= RELEASE_BUFFERS_AFTER);
+        if self.spare.is_empty() || !done {
+            return;
+        }
+        let bytes: usize = self.spare.iter().map(AlignedBuf::len).sum();
+        self.spare = Vec::new();
+        // glibc keeps large freed blocks for reuse; hand them to the kernel.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        log::debug!("hydration: released {bytes} bytes of copy buffers");
     }
 
     fn wait(&self) {
