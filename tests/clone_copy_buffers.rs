@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{random_file, scratch, zero_file, Daemon};
+use common::daemon::{CloneFiles, Daemon};
 use common::util::counts;
 
 const SIZE: usize = 256 << 20;
@@ -22,22 +22,10 @@ fn vm_rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn copy_buffers_are_released_when_hydration_is_disabled() {
-    let dir = scratch("copy-buffers");
-    let (src, dest, meta) = (
-        dir.path().join("src"),
-        dir.path().join("dest"),
-        dir.path().join("meta"),
-    );
-    random_file(&src, SIZE, 11);
-    zero_file(&dest, SIZE as u64);
-    zero_file(&meta, 4 << 20);
-    let table = format!(
-        "clone {} {} {} 8 1 no_hydration 4 hydration_threshold 2048 hydration_batch_size 1024",
-        meta.display(),
-        dest.display(),
-        src.display()
-    );
-    let d = Daemon::start(dir.path(), &table, &[]);
+    let files = CloneFiles::new("copy-buffers", SIZE, 11, 4 << 20);
+    let table =
+        files.table("8 1 no_hydration 4 hydration_threshold 2048 hydration_batch_size 1024");
+    let d = Daemon::start(files.dir.path(), &table, &[]);
     let pid = d.child.id();
     let before = vm_rss_kib(pid);
     d.ctl_ok(&["message", "enable_hydration"]);
