@@ -203,11 +203,12 @@ pub struct Shared {
     /// Source reads finished by the NBD pool for the hydration thread: (copy slot, result, buffer).
     pub remote_copies: Mutex<Vec<(usize, std::io::Result<()>, crate::io::AlignedBuf)>>,
     pub metadata: Mutex<CloneMetadata>,
-    /// Metadata blocks used and managed, as of the last commit (dm-clone's status fields).
-    /// `status` reads these rather than taking `metadata`, which a commit holds across the
-    /// destination flush (hundreds of milliseconds on a host-cached virtual disk).
+    /// Metadata blocks used as of the last commit, and managed (fixed at open): dm-clone's
+    /// status fields. `status` reads these rather than taking `metadata`, which a commit
+    /// holds across the destination flush (hundreds of milliseconds on a host-cached
+    /// virtual disk).
     md_used_blocks: AtomicU64,
-    md_total_blocks: AtomicU64,
+    md_total_blocks: u64,
     /// A guest write, write-zeroes or discard, or a copy a guest request waited for, changed
     /// the map since the last commit: commit within [`COMMIT_INTERVAL`] (dm-clone's period).
     /// Background progress alone waits [`BACKGROUND_COMMIT_INTERVAL`].
@@ -269,7 +270,11 @@ impl Shared {
     /// change after a commit wakes the commit thread, which may be sleeping out the longer
     /// background interval.
     pub fn note_guest_change(&self) {
-        if !self.guest_changes.swap(true, Ordering::SeqCst) {
+        // Per guest write on every queue: a plain load first keeps the shared line clean
+        // while the flag is already set.
+        if !self.guest_changes.load(Ordering::Relaxed)
+            && !self.guest_changes.swap(true, Ordering::SeqCst)
+        {
             self.wake_committer();
         }
     }
@@ -336,7 +341,7 @@ impl Shared {
     pub fn status(&self) -> CloneStatus {
         CloneStatus {
             used_md_blocks: self.md_used_blocks.load(Ordering::Relaxed),
-            total_md_blocks: self.md_total_blocks.load(Ordering::Relaxed),
+            total_md_blocks: self.md_total_blocks,
             region_sectors: self.geo.region_sectors(),
             hydrated: self.map.hydrated_count(),
             nr_regions: self.geo.nr_regions(),
@@ -465,7 +470,7 @@ impl CloneTarget {
             source,
             remote_copies: Mutex::new(Vec::new()),
             md_used_blocks: AtomicU64::new(metadata.used_blocks()),
-            md_total_blocks: AtomicU64::new(metadata.total_blocks()),
+            md_total_blocks: metadata.total_blocks(),
             guest_changes: AtomicBool::new(false),
             metadata: Mutex::new(metadata),
             mode: AtomicU8::new(rank_of_mode(MetadataMode::Rw)),
