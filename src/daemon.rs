@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub queue_size: u16,
     /// Longest a queue thread busy-polls after its last request, in microseconds (0 = off).
     pub poll_us: u32,
+    /// Poll without checking that it pays (no probing; see vhost_user_blk::poll_tuner).
+    pub poll_always: bool,
     pub read_only: bool,
     pub serial: String,
     pub logical_block_size: u32,
@@ -235,6 +237,7 @@ fn run_device(dev: Arc<Device>, opts: &ServeOptions) -> anyhow::Result<()> {
         // (libblkio computes size_max * seg_max in an i32: keep the product below 2 GiB.)
         size_max: 16 << 20,
         poll_us: opts.poll_us,
+        poll_always: opts.poll_always,
         ..DeviceOptions::default()
     };
     log::info!(

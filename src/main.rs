@@ -148,6 +148,11 @@ struct ServeArgs {
     /// polling off.
     #[arg(long, value_name = "US", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1000))]
     poll_us: u32,
+    /// Poll after every request as --poll-us allows, without checking that it pays. By default
+    /// each queue thread measures, every few seconds, whether it completes more requests with
+    /// polling than without, and polls only then.
+    #[arg(long)]
+    poll_always: bool,
     /// Refuse writes, discards and write-zeroes (the guest sees a read-only disk).
     #[arg(long)]
     read_only: bool,
@@ -226,6 +231,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         threads,
         queue_size: args.queue_size,
         poll_us: args.poll_us,
+        poll_always: args.poll_always,
         read_only: args.read_only,
         serial: args.serial,
         logical_block_size: args.logical_block_size,

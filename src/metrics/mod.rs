@@ -10,8 +10,10 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use vhost_user_blk::poll_tuner::ProbeResult;
 
 mod http;
 
@@ -216,6 +218,8 @@ pub trait MetricsSource: Send + Sync {
 pub struct MetricsRegistry {
     queues: Box<[QueueMetrics]>,
     source: RwLock<Option<Arc<dyn MetricsSource>>>,
+    /// Per queue thread: probes done and the last one's result (written once per probe).
+    poll_probes: Mutex<Vec<(u64, Option<ProbeResult>)>>,
 }
 
 impl std::fmt::Debug for MetricsRegistry {
@@ -233,6 +237,7 @@ impl MetricsRegistry {
         Self {
             queues,
             source: RwLock::new(None),
+            poll_probes: Mutex::new(Vec::new()),
         }
     }
 
@@ -334,6 +339,7 @@ impl MetricsRegistry {
             );
             let _ = writeln!(out, "{hist}_count{{queue=\"{q}\"}} {}", snap.count);
         }
+        self.render_poll_probes(&mut out);
         let source = self
             .source
             .read()
@@ -343,6 +349,71 @@ impl MetricsRegistry {
             src.render(&mut out);
         }
         out
+    }
+}
+
+impl MetricsRegistry {
+    /// Record a finished polling probe of queue thread `thread`.
+    pub fn poll_probed(&self, thread: usize, result: ProbeResult) {
+        let mut v = self.poll_probes.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() <= thread {
+            v.resize(thread + 1, (0, None));
+        }
+        if let Some(slot) = v.get_mut(thread) {
+            slot.0 += 1;
+            slot.1 = Some(result);
+        }
+    }
+
+    fn render_poll_probes(&self, out: &mut String) {
+        let v = self
+            .poll_probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        write_family(
+            out,
+            "vhost_clone_poll_probes_total",
+            "Probes of whether busy-polling completes more requests than sleeping, by queue thread.",
+            "counter",
+        );
+        for (t, (n, _)) in v.iter().enumerate() {
+            let _ = writeln!(out, "vhost_clone_poll_probes_total{{thread=\"{t}\"}} {n}");
+        }
+        write_family(
+            out,
+            "vhost_clone_polling",
+            "1 if the last probe chose busy-polling for this queue thread, 0 if it chose sleeping.",
+            "gauge",
+        );
+        for (t, (_, r)) in v.iter().enumerate() {
+            if let Some(r) = r {
+                let _ = writeln!(
+                    out,
+                    "vhost_clone_polling{{thread=\"{t}\"}} {}",
+                    u8::from(r.polling)
+                );
+            }
+        }
+        write_family(
+            out,
+            "vhost_clone_poll_probe_requests_per_second",
+            "Requests per second the last probe measured with polling allowed and without.",
+            "gauge",
+        );
+        for (t, (_, r)) in v.iter().enumerate() {
+            if let Some(r) = r {
+                for (mode, rate) in [
+                    ("polling", r.rate_polling),
+                    ("sleeping", r.rate_not_polling),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "vhost_clone_poll_probe_requests_per_second{{thread=\"{t}\",mode=\"{mode}\"}} {rate}"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -484,6 +555,10 @@ impl vhost_user_blk::RequestObserver for MetricsRegistry {
     ) {
         self.observe(queue, op.into(), bytes, latency, ok);
     }
+
+    fn poll_probe(&self, thread: usize, result: &ProbeResult) {
+        self.poll_probed(thread, *result);
+    }
 }
 
 /// [`MetricsSource`] for a live `clone` target: reads its shared state (atomics and short locks;
@@ -561,6 +636,27 @@ mod tests {
             .queue(1)
             .map(|q| (q.requests(RequestKind::Write), q.bytes_written()));
         assert_eq!(q, Some((1, 4096)));
+    }
+
+    #[test]
+    fn poll_probes_render_per_thread() {
+        let r = MetricsRegistry::new(2);
+        let probe = |polling, on, off| ProbeResult {
+            polling,
+            conclusive: true,
+            rate_polling: on,
+            rate_not_polling: off,
+        };
+        r.poll_probed(1, probe(true, 9000, 6000));
+        r.poll_probed(1, probe(false, 5000, 7000));
+        let text = r.render_prometheus();
+        assert!(text.contains("vhost_clone_poll_probes_total{thread=\"0\"} 0\n"));
+        assert!(text.contains("vhost_clone_poll_probes_total{thread=\"1\"} 2\n"));
+        assert!(text.contains("vhost_clone_polling{thread=\"1\"} 0\n"));
+        assert!(!text.contains("vhost_clone_polling{thread=\"0\"}"));
+        assert!(text.contains(
+            "vhost_clone_poll_probe_requests_per_second{thread=\"1\",mode=\"sleeping\"} 7000\n"
+        ));
     }
 
     #[test]

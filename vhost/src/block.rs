@@ -159,4 +159,10 @@ pub trait RequestObserver: Send + Sync + 'static {
         latency: std::time::Duration,
         ok: bool,
     );
+
+    /// Queue thread `thread` finished probing whether polling pays (every few seconds while
+    /// polling is enabled and tuned; see [`crate::poll_tuner`]).
+    fn poll_probe(&self, thread: usize, result: &crate::poll_tuner::ProbeResult) {
+        let _ = (thread, result);
+    }
 }

@@ -33,6 +33,7 @@ use crate::block::{
 };
 use crate::config::{BlkConfig, ConfigOptions};
 use crate::poll::AdaptivePoll;
+use crate::poll_tuner::PollTuner;
 use crate::request::{
     self, Desc, Limits, ParseError, Request, HEADER_LEN, ID_LEN, SEGMENT_LEN, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -134,7 +135,11 @@ struct ThreadState<W> {
     bufs: Vec<GuestBuf>,
     /// Local queue index -> global queue index.
     globals: Vec<usize>,
+    /// This thread's index among the device's queue threads.
+    index: usize,
     poll: AdaptivePoll,
+    /// Decides whether polling pays; `None` with polling off or `poll_always`.
+    tuner: Option<PollTuner>,
 }
 
 fn tag_of(local: usize, slot: u32) -> u64 {
@@ -220,7 +225,10 @@ impl<B: BlockBackend> VhostUserBlk<B> {
                 done: Vec::new(),
                 descs: Vec::new(),
                 bufs: Vec::new(),
+                index: t,
                 poll: AdaptivePoll::new(Duration::from_micros(u64::from(opts.poll_us))),
+                tuner: (opts.poll_us > 0 && !opts.poll_always)
+                    .then(|| PollTuner::new(Instant::now())),
             }));
         }
         let limits = Limits {
@@ -621,6 +629,24 @@ impl<B: BlockBackend> VhostUserBlk<B> {
         if !ts.poll.enabled() {
             return;
         }
+        if let Some(tuner) = ts.tuner.as_mut() {
+            let (polling, probed) = tuner.should_poll(Instant::now());
+            if let Some(r) = probed {
+                debug!(
+                    "queue thread {}: polling {} ({} requests/s polling, {} sleeping)",
+                    ts.index,
+                    if r.polling { "pays" } else { "does not pay" },
+                    r.rate_polling,
+                    r.rate_not_polling
+                );
+                if let Some(obs) = &self.observer {
+                    obs.poll_probe(ts.index, &r);
+                }
+            }
+            if !polling {
+                return;
+            }
+        }
         let window = ts.poll.window();
         let last_work = self.poll_until_idle(ts, window);
         ts.poll.went_idle(last_work);
@@ -673,6 +699,9 @@ impl<B: BlockBackend> VhostUserBlk<B> {
     fn complete(&self, ts: &mut ThreadState<B::Worker>) {
         let mut done = std::mem::take(&mut ts.done);
         ts.worker.reap(&mut done);
+        if let Some(tuner) = ts.tuner.as_mut() {
+            tuner.completed(done.len());
+        }
         for c in done.drain(..) {
             let (local, slot) = untag(c.tag);
             let Some(inf) = ts.queues.get_mut(local).and_then(|q| q.take(slot)) else {

@@ -10,6 +10,7 @@ pub use block::{
 };
 pub mod device;
 pub mod poll;
+pub mod poll_tuner;
 pub mod server;
 
 pub use device::VhostUserBlk;

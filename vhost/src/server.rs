@@ -40,6 +40,9 @@ pub struct DeviceOptions {
     /// Longest a queue thread busy-polls its rings after the last piece of work, in
     /// microseconds (adaptive, see [`crate::poll`]); 0 = always sleep in epoll.
     pub poll_us: u32,
+    /// Poll whenever the window says so, without checking that polling completes more
+    /// requests than sleeping (see [`crate::poll_tuner`]).
+    pub poll_always: bool,
     /// Largest write-zeroes request in 512-byte sectors, offered and enforced.
     pub max_write_zeroes_sectors: u32,
 }
@@ -54,6 +57,7 @@ impl Default for DeviceOptions {
             seg_max: 126,
             size_max: 1 << 20,
             poll_us: 0,
+            poll_always: false,
             max_write_zeroes_sectors: DEFAULT_MAX_WRITE_ZEROES_SECTORS,
         }
     }

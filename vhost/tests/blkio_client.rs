@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use vhost_user_blk::poll_tuner::ProbeResult;
 use vhost_user_blk::{
-    serve, BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DeviceOptions, DiskGeometry,
-    GuestBuf, StopHandle, SECTOR_SIZE,
+    serve_observed, BlockBackend, BlockError, BlockOp, BlockWorker, Completion, DeviceOptions,
+    DiskGeometry, GuestBuf, RequestObserver, StopHandle, SECTOR_SIZE,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -151,12 +152,25 @@ impl Server {
         Server::start_polling(name, read_only, num_queues, threads, 0)
     }
 
+    /// A server whose queue threads poll whenever the window allows (no tuning).
     fn start_polling(
         name: &str,
         read_only: bool,
         num_queues: u16,
         threads: usize,
         poll_us: u32,
+    ) -> Server {
+        Server::start_with(name, read_only, num_queues, threads, poll_us, true, None)
+    }
+
+    fn start_with(
+        name: &str,
+        read_only: bool,
+        num_queues: u16,
+        threads: usize,
+        poll_us: u32,
+        poll_always: bool,
+        observer: Option<Arc<dyn RequestObserver>>,
     ) -> Server {
         let path = std::env::temp_dir().join(format!("vub-{}-{name}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
@@ -180,9 +194,12 @@ impl Server {
             seg_max: 126,
             size_max: 1 << 20,
             poll_us,
+            poll_always,
             ..DeviceOptions::default()
         };
-        let thread = std::thread::spawn(move || serve(backend, &opts, listener, &stop2).unwrap());
+        let thread = std::thread::spawn(move || {
+            serve_observed(backend, &opts, listener, &stop2, observer).unwrap()
+        });
         Server {
             path,
             stop,
@@ -454,4 +471,56 @@ fn stop_while_connected() {
     assert_eq!(c.read(1, 0, 0, 4096), 0);
     drop(srv); // stop + join must return while the client is still connected
     drop(c);
+}
+
+/// Polling probes the tuner reported.
+#[derive(Default)]
+struct ProbeLog(Mutex<Vec<(usize, ProbeResult)>>);
+
+impl RequestObserver for ProbeLog {
+    fn completed(&self, _: usize, _: &BlockOp, _: u64, _: std::time::Duration, _: bool) {}
+
+    fn poll_probe(&self, thread: usize, result: &ProbeResult) {
+        self.0.lock().unwrap().push((thread, *result));
+    }
+}
+
+/// Tuned polling (the default): a queue thread under steady load tries both modes, measures
+/// each one's request rate and keeps polling only if it completed clearly more; the I/O is
+/// served correctly throughout the switches.
+#[test]
+fn tuned_polling_measures_both_modes_and_chooses_by_rate() {
+    let log = Arc::new(ProbeLog::default());
+    let srv = Server::start_with("tuned", false, 1, 1, 1000, false, Some(log.clone()));
+    let mut c = connect(&srv.path, 1);
+    c.buf(0, 4096).copy_from_slice(&pattern(9, 4096));
+    assert_eq!(c.write(0, 0, 0, 4096), 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut n = 0u64;
+    while log.0.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        c.buf(4096, 4096).fill(0);
+        assert_eq!(c.read(0, 0, 4096, 4096), 0);
+        assert_eq!(c.buf(4096, 4096), &pattern(9, 4096)[..], "read {n}");
+        n += 1;
+    }
+    let probes = log.0.lock().unwrap().clone();
+    eprintln!("MEASURED {n} requests; probes {probes:?}");
+    assert!(
+        probes.len() >= 2,
+        "fewer than two probes in 10 s: {probes:?}"
+    );
+    for (thread, r) in probes {
+        assert_eq!(thread, 0);
+        assert!(
+            r.conclusive && r.rate_polling > 0 && r.rate_not_polling > 0,
+            "a mode was not measured: {r:?}"
+        );
+        // The rule (5 % margin), away from the rounding of the reported rates.
+        let ratio = r.rate_polling as f64 / r.rate_not_polling as f64;
+        if ratio > 1.06 {
+            assert!(r.polling, "{r:?}");
+        } else if ratio < 1.04 {
+            assert!(!r.polling, "{r:?}");
+        }
+    }
 }
