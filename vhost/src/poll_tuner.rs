@@ -153,13 +153,18 @@ impl PollTuner {
                     self.counted = 0;
                 }
                 if since >= PHASE {
-                    let t = if self.polling {
-                        &mut self.on
-                    } else {
-                        &mut self.off
-                    };
-                    t.requests += self.counted;
-                    t.time += since.saturating_sub(SETTLE);
+                    // A phase that ended long after its time was slept through (an idle
+                    // device, or the daemon waiting for its frontend): its rate says nothing
+                    // of the mode, so it is not counted.
+                    if since < PHASE * 2 {
+                        let t = if self.polling {
+                            &mut self.on
+                        } else {
+                            &mut self.off
+                        };
+                        t.requests += self.counted;
+                        t.time += since.saturating_sub(SETTLE);
+                    }
                     let phase = phase + 1;
                     if phase >= PHASES {
                         let r = self.decide();
@@ -315,6 +320,34 @@ mod tests {
         assert_eq!(modes, [true, false, true, false]);
         let r = tuner.last_probe().unwrap();
         assert!(!r.polling, "settling bursts were counted: {r:?}");
+    }
+
+    #[test]
+    fn a_phase_slept_through_is_not_counted() {
+        // The daemon starts probing before its frontend connects: the first (polling) phase
+        // ends only at the first request, seconds later. Counted, its 5 s would make polling
+        // look 50 times slower than it is.
+        let t0 = Instant::now();
+        let mut tuner = PollTuner::new(t0);
+        assert!(tuner.should_poll(t0).0);
+        let t1 = t0 + Duration::from_secs(5);
+        let (r, _) = probe(&mut tuner, t1, 20, 10);
+        assert!(r.polling && r.conclusive, "{r:?}");
+        assert_eq!(r.rate_polling, 20_000);
+        // With both of one mode's phases slept through, nothing is known of it.
+        let mut tuner = PollTuner::new(t0);
+        let mut t = t0;
+        while tuner.last_probe().is_none() {
+            let (polling, _) = tuner.should_poll(t);
+            t += if polling {
+                Duration::from_secs(1)
+            } else {
+                tuner.completed(10);
+                Duration::from_millis(1)
+            };
+        }
+        let r = tuner.last_probe().unwrap();
+        assert!(!r.conclusive && r.rate_polling == 0, "{r:?}");
     }
 
     #[test]
