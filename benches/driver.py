@@ -660,7 +660,10 @@ class Bench:
         L.append(f"# vhost-clone benchmark ({m['started']}, git {m['git']})\n")
         L.append(f"Medians of {m['runs']} runs, {m['runtime_s']} s each (+{m['ramp_s']} s ramp); "
                  f"files in `{m['dir']}` ({m['fs']}); {m['cpus']} CPUs; load average at start "
-                 f"{m['loadavg_start'][0]:.1f}. vhost-user servers are driven by "
+                 f"{m['loadavg_start'][0]:.1f}"
+                 + (f"; guest_halt_poll_ns {m['guest_halt_poll_ns']}"
+                    if m.get("guest_halt_poll_ns") is not None else "")
+                 + ". vhost-user servers are driven by "
                  "`benches/vhost_bench.rs` (libblkio), fio uses io_uring + O_DIRECT on the "
                  "same image. IOPS for 4k rows, MiB/s for 1m rows.\n")
         srvs = [s for s in SERVERS if s in self.a.servers]
@@ -762,6 +765,23 @@ class Bench:
         log(f"wrote {self.p('results.md')} and {self.p('results.json')}")
 
 
+HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def read_halt_poll():
+    """The haltpoll cpuidle driver's poll time in ns, or None where there is none."""
+    try:
+        with open(HALT_POLL) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def write_halt_poll(ns):
+    with open(HALT_POLL, "w") as f:
+        f.write(str(ns))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="target/bench")
@@ -777,6 +797,10 @@ def main():
     ap.add_argument("--phases", default="hydration,matrix,cost,memory")
     ap.add_argument("--hydration-timeout", type=float, default=120)
     ap.add_argument("--mem-secs", type=float, default=10)
+    ap.add_argument("--guest-halt-poll-ns", type=int, default=None,
+                    help="set the haltpoll cpuidle driver's guest_halt_poll_ns for the run (KVM "
+                         "guests; restored afterwards): how long an idle vCPU polls before it "
+                         "halts, which decides what waking a thread on it costs")
     a = ap.parse_args()
     if a.quick:
         a.runs, a.runtime, a.ramp, a.mem_secs, a.hydration_timeout = 1, 0.8, 0.2, 2, 60
@@ -784,11 +808,17 @@ def main():
     a.daemon = os.path.abspath(a.daemon)
     b = Bench(a)
     b.hydrated_ok = False
+    halt_poll_before = read_halt_poll()
+    if a.guest_halt_poll_ns is not None and halt_poll_before is None:
+        raise SystemExit(f"--guest-halt-poll-ns: no {HALT_POLL} (not a haltpoll guest)")
     t0 = time.time()
     b.setup()
     b.results["meta"]["setup_secs"] = round(time.time() - t0, 1)
     phases = a.phases.split(",")
     try:
+        if a.guest_halt_poll_ns is not None:
+            write_halt_poll(a.guest_halt_poll_ns)
+        b.results["meta"]["guest_halt_poll_ns"] = read_halt_poll()
         for ph in ("hydration", "matrix", "cost", "memory"):
             if ph in phases:
                 t0 = time.time()
@@ -800,6 +830,8 @@ def main():
                 log(f"phase {ph}: {time.time() - t0:.1f} s")
     finally:
         b.stop_all()
+        if a.guest_halt_poll_ns is not None:
+            write_halt_poll(halt_poll_before)
         b.report()
 
 
