@@ -326,7 +326,7 @@ mod tests {
     fn a_phase_slept_through_is_not_counted() {
         // The daemon starts probing before its frontend connects: the first (polling) phase
         // ends only at the first request, seconds later. Counted, its 5 s would make polling
-        // look 50 times slower than it is.
+        // look ~80 times slower than it is.
         let t0 = Instant::now();
         let mut tuner = PollTuner::new(t0);
         assert!(tuner.should_poll(t0).0);
@@ -334,20 +334,27 @@ mod tests {
         let (r, _) = probe(&mut tuner, t1, 20, 10);
         assert!(r.polling && r.conclusive, "{r:?}");
         assert_eq!(r.rate_polling, 20_000);
-        // With both of one mode's phases slept through, nothing is known of it.
+
+        // The device goes idle 60 ms into each polling phase and the thread sleeps for a
+        // second. Counted, the polling phases would say 200 requests a second against 10000
+        // without polling; not counted, nothing is known of polling and nothing changes.
         let mut tuner = PollTuner::new(t0);
-        let mut t = t0;
+        let (mut t, mut phase_start, mut mode) = (t0, t0, None);
         while tuner.last_probe().is_none() {
             let (polling, _) = tuner.should_poll(t);
-            t += if polling {
-                Duration::from_secs(1)
-            } else {
-                tuner.completed(10);
-                Duration::from_millis(1)
-            };
+            if mode != Some(polling) {
+                (mode, phase_start) = (Some(polling), t);
+            }
+            tuner.completed(10);
+            let idle = polling && t - phase_start >= Duration::from_millis(60);
+            t += Duration::from_millis(if idle { 1000 } else { 1 });
         }
         let r = tuner.last_probe().unwrap();
         assert!(!r.conclusive && r.rate_polling == 0, "{r:?}");
+        assert!(
+            r.polling,
+            "an inconclusive first probe keeps polling: {r:?}"
+        );
     }
 
     #[test]
