@@ -663,6 +663,9 @@ class Bench:
                  f"{m['loadavg_start'][0]:.1f}"
                  + (f"; guest_halt_poll_ns {m['guest_halt_poll_ns']}"
                     if m.get("guest_halt_poll_ns") is not None else "")
+                 + (f"; every process pinned to CPU(s) "
+                    f"{','.join(map(str, m['cpus_pinned']['cpus']))} "
+                    f"({m['cpus_pinned']['how']})" if m.get("cpus_pinned") else "")
                  + ". vhost-user servers are driven by "
                  "`benches/vhost_bench.rs` (libblkio), fio uses io_uring + O_DIRECT on the "
                  "same image. IOPS for 4k rows, MiB/s for 1m rows.\n")
@@ -782,6 +785,40 @@ def write_halt_poll(ns):
         f.write(str(ns))
 
 
+def disk_irq_cpus(path):
+    """The CPUs that took most of the interrupts of the disk holding `path`: the IRQs listed in
+    msi_irqs of the disk's PCI device (virtio-blk, NVMe), counted in /proc/interrupts. A thread
+    on such a CPU is woken by its completions without an inter-processor interrupt."""
+    st = os.stat(path)
+    dev = os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    while dev != "/" and not os.path.isdir(os.path.join(dev, "msi_irqs")):
+        dev = os.path.dirname(dev)
+    if dev == "/":
+        raise SystemExit(f"--cpus irq: the disk holding {path} has no MSI interrupts in sysfs "
+                         "(give the CPUs instead, as in --cpus 1)")
+    irqs = set(os.listdir(os.path.join(dev, "msi_irqs")))
+    with open("/proc/interrupts") as f:
+        ncpu = len(f.readline().split())
+        counts = [0] * ncpu
+        for line in f:
+            cols = line.split()
+            if cols and cols[0].rstrip(":") in irqs:
+                for i, c in enumerate(cols[1:1 + ncpu]):
+                    counts[i] += int(c)
+    if not any(counts):
+        raise SystemExit(f"--cpus irq: no interrupts counted yet for {dev}")
+    return {max(range(ncpu), key=counts.__getitem__)}, dev
+
+
+def parse_cpus(spec):
+    """A taskset-style CPU list: 1 / 0,2 / 0-3."""
+    cpus = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="target/bench")
@@ -801,6 +838,10 @@ def main():
                     help="set the haltpoll cpuidle driver's guest_halt_poll_ns for the run (KVM "
                          "guests; restored afterwards): how long an idle vCPU polls before it "
                          "halts, which decides what waking a thread on it costs")
+    ap.add_argument("--cpus", default=None,
+                    help="run everything (every server, the client, fio, dd, qemu-img) on these "
+                         "CPUs, e.g. 1 or 0-1; 'irq': the CPU taking the interrupts of the disk "
+                         "under --dir, so that no completion needs an inter-processor wake-up")
     a = ap.parse_args()
     if a.quick:
         a.runs, a.runtime, a.ramp, a.mem_secs, a.hydration_timeout = 1, 0.8, 0.2, 2, 60
@@ -811,6 +852,17 @@ def main():
     halt_poll_before = read_halt_poll()
     if a.guest_halt_poll_ns is not None and halt_poll_before is None:
         raise SystemExit(f"--guest-halt-poll-ns: no {HALT_POLL} (not a haltpoll guest)")
+    if a.cpus is not None:
+        os.makedirs(a.dir, exist_ok=True)
+        if a.cpus == "irq":
+            cpus, dev = disk_irq_cpus(a.dir)
+            how = f"the CPU taking the interrupts of {dev}"
+        else:
+            cpus, how = parse_cpus(a.cpus), "given"
+        # Inherited by every process the driver starts.
+        os.sched_setaffinity(0, cpus)
+        b.results["meta"]["cpus_pinned"] = {"cpus": sorted(cpus), "how": how}
+        log(f"pinned to CPUs {sorted(cpus)} ({how})")
     t0 = time.time()
     b.setup()
     b.results["meta"]["setup_secs"] = round(time.time() - t0, 1)
