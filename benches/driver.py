@@ -786,9 +786,10 @@ def write_halt_poll(ns):
 
 
 def disk_irq_cpus(path):
-    """The CPUs that took most of the interrupts of the disk holding `path`: the IRQs listed in
-    msi_irqs of the disk's PCI device (virtio-blk, NVMe), counted in /proc/interrupts. A thread
-    on such a CPU is woken by its completions without an inter-processor interrupt."""
+    """The CPU that took most of the interrupts of the disk holding `path`, as a set, and the
+    disk's PCI device in sysfs. Its interrupts are the IRQs listed in the device's msi_irqs
+    (virtio-blk, NVMe), counted in /proc/interrupts. A thread on that CPU is woken by its
+    completions without an inter-processor interrupt."""
     st = os.stat(path)
     dev = os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     while dev != "/" and not os.path.isdir(os.path.join(dev, "msi_irqs")):
