@@ -814,9 +814,14 @@ def disk_irq_cpus(path):
 def parse_cpus(spec):
     """A taskset-style CPU list: 1 / 0,2 / 0-3."""
     cpus = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SystemExit(f"--cpus {spec!r}: give 'irq' or a CPU list such as 1, 0,2 or 0-3")
+    if not cpus:
+        raise SystemExit(f"--cpus {spec!r}: no CPU in the list")
     return cpus
 
 
@@ -861,7 +866,10 @@ def main():
         else:
             cpus, how = parse_cpus(a.cpus), "given"
         # Inherited by every process the driver starts.
-        os.sched_setaffinity(0, cpus)
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as e:
+            raise SystemExit(f"--cpus {a.cpus}: cannot run on CPUs {sorted(cpus)}: {e}")
         b.results["meta"]["cpus_pinned"] = {"cpus": sorted(cpus), "how": how}
         log(f"pinned to CPUs {sorted(cpus)} ({how})")
     t0 = time.time()
