@@ -786,8 +786,8 @@ def write_halt_poll(ns):
 
 
 def disk_irq_cpus(path):
-    """The CPU that took most of the interrupts of the disk holding `path`, as a set, and the
-    disk's PCI device in sysfs. Its interrupts are the IRQs listed in the device's msi_irqs
+    """The CPU that took most of the interrupts of the disk holding `path`, and the disk's PCI
+    device in sysfs. Its interrupts are the IRQs listed in the device's msi_irqs
     (virtio-blk, NVMe), counted in /proc/interrupts. A thread on that CPU is woken by its
     completions without an inter-processor interrupt."""
     st = os.stat(path)
@@ -808,7 +808,7 @@ def disk_irq_cpus(path):
                     counts[i] += int(c)
     if not any(counts):
         raise SystemExit(f"--cpus irq: no interrupts counted yet for {dev}")
-    return {max(range(ncpu), key=counts.__getitem__)}, dev
+    return max(range(ncpu), key=counts.__getitem__), dev
 
 
 def parse_cpus(spec):
@@ -861,7 +861,8 @@ def main():
     if a.cpus is not None:
         os.makedirs(a.dir, exist_ok=True)
         if a.cpus == "irq":
-            cpus, dev = disk_irq_cpus(a.dir)
+            cpu, dev = disk_irq_cpus(a.dir)
+            cpus = {cpu}
             how = f"the CPU taking the interrupts of {dev}"
         else:
             cpus, how = parse_cpus(a.cpus), "given"
